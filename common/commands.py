@@ -1,0 +1,130 @@
+"""CLI subcommands that need only the shared library: ``datasets`` and ``evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+from common.report import format_accuracy, markdown_table
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-root",
+        default=None,
+        help="where dataset files are (default: $EDGEDISTILL_DATA, else the user cache dir)",
+    )
+    parser.add_argument("--download", action="store_true", help="let torchvision download missing files")
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", default="convnet3", help="comma-separated architectures (default convnet3)")
+    parser.add_argument("--runs", type=int, default=5, help="fresh networks per architecture (default 5)")
+    parser.add_argument("--quick", action="store_true", help="300 epochs instead of the paper's 1000")
+    parser.add_argument("--epochs", type=int, default=None, help="override the number of epochs")
+    parser.add_argument("--no-dsa", action="store_true", help="train without DSA augmentation")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="parallel runs (default: one per CPU core on CPU, 1 on CUDA)"
+    )
+
+
+def eval_config_from_args(args: argparse.Namespace):
+    from common.evaluation import PRESETS
+
+    config = PRESETS["quick" if args.quick else "paper"]
+    if args.epochs:
+        config = replace(config, epochs=args.epochs)
+    if args.no_dsa:
+        config = replace(config, dsa=False)
+    return config
+
+
+# ------------------------------------------------------------------------------ datasets
+def datasets_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    parser.add_argument("--data-root", default=None, help="where to look (default: $EDGEDISTILL_DATA or cache)")
+
+
+def datasets_main(args: argparse.Namespace) -> int:
+    from common.datasets import dataset_availability, resolve_data_roots
+
+    roots = resolve_data_roots(args.data_root)
+    rows = [
+        (name, "yes" if where else "no", where or "-", text)
+        for name, where, text in dataset_availability(args.data_root)
+    ]
+    print(f"data root: {roots.root}   cache: {roots.cache}\n")
+    print(markdown_table(["dataset", "local", "where", "description"], rows))
+    print("\nalso: npz:PATH (x_train, y_train, x_test, y_test) and imagefolder:PATH (train/ and val/ class folders)")
+    return 0
+
+
+# ------------------------------------------------------------------------------ evaluate
+def evaluate_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    parser.add_argument("artifacts", nargs="+", help="artifact directories written by 'edgedistill distill'")
+    add_eval_arguments(parser)
+    add_data_arguments(parser)
+    parser.add_argument("--dataset", default=None, help="test split to use (default: the artifact's dataset)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--json", default=None, help="write results here (default: ARTIFACT/eval.json)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def evaluate_artifact(path: str | Path, args: argparse.Namespace, dataset_cache: dict) -> list[dict]:
+    """Evaluate one artifact for every requested model; records the results in its manifest."""
+    from common.artifacts import load_distilled_set, read_manifest, update_manifest
+    from common.datasets import load_dataset
+    from common.evaluation import evaluate_set
+
+    manifest = read_manifest(path)
+    spec = args.dataset or manifest.get("dataset_spec") or manifest["dataset"]["name"]
+    if spec not in dataset_cache:
+        dataset_cache[spec] = load_dataset(spec, data_root=args.data_root, download=args.download)
+    data = dataset_cache[spec]
+    dset = load_distilled_set(path, expect=data.info)
+    config = eval_config_from_args(args)
+    results = []
+    for arch in [m.strip() for m in args.models.split(",") if m.strip()]:
+        result = evaluate_set(
+            dset.images,
+            dset.labels,
+            data.test,
+            data.info,
+            arch=arch,
+            runs=args.runs,
+            config=config,
+            seed=args.seed,
+            device=args.device,
+            workers=args.workers,
+            progress=not args.no_progress,
+        )
+        print(f"  {path}: {result}", flush=True)
+        results.append({"artifact": str(path), "method": dset.method, "images": len(dset), **result.to_dict()})
+    update_manifest(
+        path,
+        evaluation={
+            f"{r['arch']}@{r['config']['epochs']}ep": {k: r[k] for k in ("mean", "std", "accuracies", "runs")}
+            for r in results
+        },
+    )
+    return results
+
+
+def evaluate_main(args: argparse.Namespace) -> int:
+    from common.fileio import atomic_write_json
+
+    cache: dict = {}
+    results = []
+    for path in args.artifacts:
+        results += evaluate_artifact(path, args, cache)
+    rows = [
+        (r["artifact"], r["method"], r["images"], r["arch"], format_accuracy(r["mean"], r["std"]), r["runs"])
+        for r in results
+    ]
+    print()
+    print(markdown_table(["artifact", "method", "images", "model", "test accuracy %", "runs"], rows))
+    out = Path(args.json) if args.json else Path(args.artifacts[0]) / "eval.json"
+    atomic_write_json(out, {"results": results})
+    print(f"\nwrote {out}")
+    return 0

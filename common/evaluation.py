@@ -1,0 +1,207 @@
+"""The evaluation protocol (DESIGN s.8): train fresh networks on a set, test on real test data.
+
+SGD (lr 0.01, momentum 0.9, weight decay 5e-4), batch 256 capped by the set size, lr x 0.1 at
+half the epochs, per-sample DSA while training, and the accuracy *at the last epoch* — never the
+best test epoch. ``evaluate_set`` repeats this over several seeds and reports mean +- std.
+On CPU, runs go to parallel worker processes (one thread each), which keeps both cores busy on
+the small batches that distilled sets give.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from common.augment import DEFAULT_STRATEGY, DSA
+from common.datasets import DatasetInfo, Split
+from common.errors import ConfigError
+from common.models import build_model
+from common.runtime import derive_seed, make_generator, resolve_device
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    epochs: int = 1000
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    lr_decay_at: float = 0.5  # fraction of training after which lr is multiplied by 0.1
+    dsa: bool = True
+    dsa_strategy: str = DEFAULT_STRATEGY
+    test_batch_size: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or not 0 <= self.lr_decay_at <= 1:
+            raise ConfigError("evaluation needs epochs >= 1, batch size >= 1, lr > 0 and 0 <= lr_decay_at <= 1")
+
+
+PRESETS = {"paper": EvalConfig(), "quick": EvalConfig(epochs=300)}
+
+
+@dataclass
+class EvalResult:
+    arch: str
+    accuracies: list[float]
+    config: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def mean(self) -> float:
+        return sum(self.accuracies) / len(self.accuracies)
+
+    @property
+    def std(self) -> float:
+        m = self.mean
+        return math.sqrt(sum((a - m) ** 2 for a in self.accuracies) / len(self.accuracies))
+
+    def to_dict(self) -> dict:
+        return {
+            "arch": self.arch,
+            "mean": self.mean,
+            "std": self.std,
+            "accuracies": self.accuracies,
+            "runs": len(self.accuracies),
+            "seconds": round(self.seconds, 2),
+            "config": self.config,
+        }
+
+    def __str__(self) -> str:
+        return f"{self.arch}: {100 * self.mean:.2f} +- {100 * self.std:.2f} % ({len(self.accuracies)} runs)"
+
+
+def train_network(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: EvalConfig,
+    generator: torch.Generator,
+    device: torch.device,
+    progress: tqdm | None = None,
+) -> torch.nn.Module:
+    """Train ``model`` in place on a (small) labelled tensor set with the protocol's schedule."""
+    model.to(device).train()
+    images, labels = images.to(device), labels.to(device)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    decay_epoch = int(config.epochs * config.lr_decay_at)
+    dsa = DSA(config.dsa_strategy) if config.dsa else None
+    n = images.shape[0]
+    batch = min(config.batch_size, n)
+    for epoch in range(config.epochs):
+        if epoch == decay_epoch and decay_epoch > 0:
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * 0.1
+        order = torch.randperm(n, generator=generator).to(device)
+        for start in range(0, n, batch):
+            idx = order[start : start + batch]
+            x = images[idx]
+            if dsa is not None:
+                x = dsa(x, generator)
+            loss = F.cross_entropy(model(x), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    return model
+
+
+@torch.no_grad()
+def test_accuracy(model: torch.nn.Module, split: Split, device: torch.device, batch_size: int = 1000) -> float:
+    model.to(device).eval()
+    correct = 0
+    for start in range(0, len(split), batch_size):
+        x = split.images[start : start + batch_size].to(device)
+        y = split.labels[start : start + batch_size].to(device)
+        correct += int((model(x).argmax(1) == y).sum())
+    return correct / max(1, len(split))
+
+
+@dataclass(frozen=True)
+class _Run:
+    arch: str
+    info: DatasetInfo
+    config: EvalConfig
+    seed: int
+    index: int
+    device: str
+    threads: int
+    progress: bool
+    model_options: dict
+
+
+def _one_run(run: _Run, images: torch.Tensor, labels: torch.Tensor, test: Split) -> float:
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    device = torch.device(run.device)
+    torch.manual_seed(run.seed)  # network initialisation
+    model = build_model(run.arch, run.info.channels, run.info.num_classes, run.info.image_size, **run.model_options)
+    bar = tqdm(
+        total=run.config.epochs,
+        desc=f"{run.arch} run {run.index + 1}",
+        position=run.index,
+        leave=False,
+        disable=None if run.progress else True,
+        dynamic_ncols=True,
+    )
+    with bar:
+        train_network(model, images, labels, run.config, make_generator(run.seed), device, bar)
+    return test_accuracy(model, test, device, run.config.test_batch_size)
+
+
+def default_workers(device: torch.device, runs: int) -> int:
+    """Parallel processes on CPU (one per core, at most one per run); 1 on CUDA."""
+    if device.type != "cpu":
+        return 1
+    return max(1, min(runs, os.cpu_count() or 1))
+
+
+def evaluate_set(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    test: Split,
+    info: DatasetInfo,
+    arch: str = "convnet3",
+    runs: int = 5,
+    config: EvalConfig | None = None,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    workers: int | None = None,
+    progress: bool = True,
+    model_options: dict | None = None,
+) -> EvalResult:
+    """Train ``runs`` fresh ``arch`` networks on ``(images, labels)``; last-epoch test accuracy each."""
+    config = config or PRESETS["paper"]
+    if config.dsa and config.dsa_strategy == DEFAULT_STRATEGY:
+        from common.augment import strategy_for_dataset
+
+        config = replace(config, dsa_strategy=strategy_for_dataset(info.name))
+    if runs < 1:
+        raise ConfigError("--runs must be at least 1")
+    dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    workers = workers or default_workers(dev, runs)
+    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
+    plan = [
+        _Run(arch, info, config, derive_seed(seed, arch, i), i, str(dev), threads, progress, model_options or {})
+        for i in range(runs)
+    ]
+    images, labels = images.detach().cpu().float(), labels.detach().cpu().long()
+    started = time.perf_counter()
+    if workers == 1:
+        accuracies = [_one_run(r, images, labels, test) for r in plan]
+    else:
+        ctx = torch.multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            futures = [pool.submit(_one_run, r, images, labels, test) for r in plan]
+            accuracies = [f.result() for f in futures]
+    return EvalResult(arch, accuracies, config=asdict(config), seconds=time.perf_counter() - started)

@@ -1,0 +1,59 @@
+"""Per-class budgets and the server's public subset (pipc images per class)."""
+
+from __future__ import annotations
+
+import torch
+
+from common.errors import ConfigError
+from common.runtime import derive_seed, make_generator
+
+
+def parse_counts(ipc: int | str | dict[int, int], num_classes: int) -> dict[int, int]:
+    """``10`` -> every class 10; ``"0:5,1:12,..."`` or a dict -> ragged per-class counts."""
+    if isinstance(ipc, dict):
+        counts = {int(c): int(n) for c, n in ipc.items()}
+    elif isinstance(ipc, int) or str(ipc).strip().isdigit():
+        counts = dict.fromkeys(range(num_classes), int(ipc))
+    else:
+        try:
+            counts = {int(c): int(n) for c, n in (item.split(":") for item in str(ipc).split(","))}
+        except ValueError:
+            raise ConfigError(f"--ipc {ipc!r}: use an integer or 'class:count,...' like 0:5,1:12") from None
+    if sorted(counts) != list(range(num_classes)):
+        raise ConfigError(
+            f"--ipc must give a count for each of the {num_classes} classes, got classes {sorted(counts)}"
+        )
+    if any(n < 1 for n in counts.values()):
+        raise ConfigError("every class needs at least 1 image per class")
+    return counts
+
+
+def parse_pipc(value: int | str | None) -> int | None:
+    """``None``/``"all"`` -> the whole training split; else a positive integer."""
+    if value is None or str(value).lower() == "all":
+        return None
+    try:
+        pipc = int(value)
+    except ValueError:
+        raise ConfigError(f"--pipc {value!r}: use a positive integer or 'all'") from None
+    if pipc < 1:
+        raise ConfigError("--pipc must be at least 1 (or 'all')")
+    return pipc
+
+
+def public_subset_indices(labels: torch.Tensor, num_classes: int, pipc: int | None, seed: int) -> torch.Tensor:
+    """Indices of ``pipc`` images per class drawn once with ``seed`` (all indices if ``pipc`` is None).
+
+    The draw for a class depends only on ``(seed, class)``, so the same server subset is
+    carved out wherever it is computed (the server, the partitioner of a simulated fleet).
+    """
+    if pipc is None:
+        return torch.arange(labels.shape[0])
+    chosen = []
+    for c in range(num_classes):
+        members = torch.nonzero(labels == c, as_tuple=True)[0]
+        if len(members) == 0:
+            raise ConfigError(f"class {c} has no training images; the public subset cannot include it")
+        order = torch.randperm(len(members), generator=make_generator(derive_seed("public-subset", seed, c)))
+        chosen.append(members[order[:pipc]])
+    return torch.sort(torch.cat(chosen)).values

@@ -1,0 +1,1 @@
+"""Edge client: the Flower ClientApp that trains on private data and uploads weights only."""

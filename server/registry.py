@@ -1,0 +1,150 @@
+"""The method registry: one name -> one distillation entry point.
+
+The CLI, the Flower ServerApp and the gRPC job service all go through :func:`distill` (or
+``get_method(name)``), so no caller branches on method names. A method is a function
+``run(task: DistillTask, config) -> MethodOutput`` plus a dataclass of its options, registered
+with ``@register_method(name, ConfigClass)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.artifacts import DistilledSet
+from common.datasets import Dataset, DatasetInfo, Split
+from common.errors import ConfigError
+from common.registry import Registry
+from common.subsets import parse_counts, parse_pipc, public_subset_indices
+
+
+@dataclass
+class DistillTask:
+    """Everything a method may use: the real data it may see and the per-class budget."""
+
+    info: DatasetInfo
+    real: Split  # the images the method may see (public subset, or all training data)
+    real_indices: torch.Tensor  # positions of ``real`` in the training split
+    counts: dict[int, int]  # images per class to produce
+    pipc: int | None = None  # public images per class the method may see (None: all)
+    dataset_spec: str = ""  # the name ``load_dataset`` takes (e.g. ``mnist``, ``npz:/data/x.npz``)
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    progress: bool = True
+    workdir: Path | None = None  # where a method may keep checkpoints
+
+    def real_of_class(self, c: int) -> torch.Tensor:
+        return torch.nonzero(self.real.labels == c, as_tuple=True)[0]
+
+
+@dataclass
+class MethodOutput:
+    images: torch.Tensor
+    labels: torch.Tensor
+    extra: dict[str, Any] = field(default_factory=dict)  # goes into the manifest
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    run: Callable[[DistillTask, Any], MethodOutput]
+    config_cls: type
+    description: str
+
+
+METHODS: Registry[MethodSpec] = Registry("method")
+
+
+def register_method(name: str, config_cls: type, description: str = ""):
+    """Decorator registering ``run(task, config) -> MethodOutput`` under ``name``."""
+    if not dataclasses.is_dataclass(config_cls):
+        raise TypeError("a method's config must be a dataclass")
+
+    def decorator(run: Callable[[DistillTask, Any], MethodOutput]):
+        doc = description or (run.__doc__ or "").strip().splitlines()[0]
+        METHODS.register(name)(MethodSpec(name, run, config_cls, doc))
+        return run
+
+    return decorator
+
+
+def _load_builtin_methods() -> None:
+    # Importing a methods module registers its methods.
+    import server.coreset  # noqa: F401
+
+
+def get_method(name: str) -> MethodSpec:
+    _load_builtin_methods()
+    return METHODS.get(name)
+
+
+def list_methods() -> list[str]:
+    _load_builtin_methods()
+    return METHODS.names()
+
+
+def make_config(name: str, options: dict[str, Any] | None = None) -> Any:
+    """Build a method's config from a dict, refusing unknown keys with the list of known ones."""
+    spec = get_method(name)
+    options = dict(options or {})
+    known = {f.name for f in dataclasses.fields(spec.config_cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(
+            f"method {name!r} has no option {', '.join(unknown)}; its options are: {', '.join(sorted(known)) or 'none'}"
+        )
+    return spec.config_cls(**options)
+
+
+def make_task(
+    dataset: Dataset,
+    ipc: int | str | dict[int, int],
+    pipc: int | str | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    dataset_spec: str = "",
+    progress: bool = True,
+    workdir: Path | None = None,
+) -> DistillTask:
+    """The task for a dataset: per-class counts from ``ipc``, real data restricted to ``pipc``."""
+    info = dataset.info
+    pipc_value = parse_pipc(pipc)
+    indices = public_subset_indices(dataset.train.labels, info.num_classes, pipc_value, seed)
+    return DistillTask(
+        info=info,
+        real=dataset.train.subset(indices),
+        real_indices=indices,
+        counts=parse_counts(ipc, info.num_classes),
+        pipc=pipc_value,
+        dataset_spec=dataset_spec or info.name,
+        seed=seed,
+        device=torch.device(device),
+        progress=progress,
+        workdir=workdir,
+    )
+
+
+def distill(name: str, task: DistillTask, options: dict[str, Any] | Any = None) -> DistilledSet:
+    """Run method ``name`` on ``task``; returns an unsaved :class:`DistilledSet`."""
+    spec = get_method(name)
+    config = options if isinstance(options, spec.config_cls) else make_config(name, options)
+    out = spec.run(task, config)
+    produced = {c: int((out.labels == c).sum()) for c in range(task.info.num_classes)}
+    if produced != task.counts:
+        raise AssertionError(f"method {name} produced {produced}, expected {task.counts}")
+    manifest = {
+        "options": dataclasses.asdict(config),
+        "seed": task.seed,
+        "dataset_spec": task.dataset_spec or task.info.name,
+        "pipc": task.pipc,
+        "real_images_seen": int(len(task.real)),
+        **out.extra,
+    }
+    return DistilledSet(
+        out.images.detach().cpu().float().contiguous(), out.labels.detach().cpu().long(), task.info, name, manifest
+    )

@@ -1,0 +1,1 @@
+"""Simulated fleets, experiment configs and benchmark/reproduction scripts."""
