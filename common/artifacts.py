@@ -19,11 +19,13 @@ from common.datasets import DatasetInfo
 from common.errors import ArtifactError
 from common.fileio import atomic_write_dir, atomic_write_json
 from common.runtime import file_sha256
+from common.visualize import save_grid
 
 FORMAT = "edgedistill.distilled-set"
 FORMAT_VERSION = 1
 TENSORS_FILE = "tensors.safetensors"
 MANIFEST_FILE = "manifest.json"
+GRID_FILE = "grid.png"  # a picture of the set, one row per class
 
 
 @dataclass
@@ -78,6 +80,7 @@ def save_distilled_set(path: str | Path, dset: DistilledSet, overwrite: bool = F
         tensors = {"images": dset.images.detach().cpu().contiguous(), "labels": dset.labels.detach().cpu().contiguous()}
         save_file(tensors, str(tmp / TENSORS_FILE))
         manifest["tensors_sha256"] = file_sha256(tmp / TENSORS_FILE)
+        save_grid(dset.images, dset.labels, dset.info, tmp / GRID_FILE)
         atomic_write_json(tmp / MANIFEST_FILE, manifest)
 
     atomic_write_dir(Path(path), fill, overwrite=overwrite)

@@ -23,7 +23,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=5, help="fresh networks per architecture (default 5)")
     parser.add_argument("--quick", action="store_true", help="300 epochs instead of the paper's 1000")
     parser.add_argument("--epochs", type=int, default=None, help="override the number of epochs")
-    parser.add_argument("--no-dsa", action="store_true", help="train without DSA augmentation")
+    parser.add_argument("--no-eval-dsa", action="store_true", help="train evaluation networks without DSA")
     parser.add_argument(
         "--workers", type=int, default=None, help="parallel runs (default: one per CPU core on CPU, 1 on CUDA)"
     )
@@ -35,7 +35,7 @@ def eval_config_from_args(args: argparse.Namespace):
     config = PRESETS["quick" if args.quick else "paper"]
     if args.epochs:
         config = replace(config, epochs=args.epochs)
-    if args.no_dsa:
+    if args.no_eval_dsa:
         config = replace(config, dsa=False)
     return config
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 import time
 from pathlib import Path
 
@@ -33,9 +34,8 @@ def _add_method_options(parser: argparse.ArgumentParser, method: str) -> None:
             group.add_argument(
                 flag,
                 dest=f"opt_{field.name}",
-                type=lambda s: s.lower() in ("1", "true", "yes"),
+                action=argparse.BooleanOptionalAction,
                 default=None,
-                metavar="BOOL",
                 help=f"(default {default})",
             )
         else:
@@ -97,6 +97,8 @@ def distill_main(args: argparse.Namespace) -> int:
     dset = distill(args.method, task, options)
     dset.manifest["distill_seconds"] = round(time.perf_counter() - started, 2)
     save_distilled_set(out, dset, overwrite=args.overwrite)
+    if task.workdir is not None and task.workdir.exists():
+        shutil.rmtree(task.workdir)  # checkpoints are only needed until the artifact is safely written
     counts = sorted(set(dset.counts().values()))
     print(
         f"wrote {out}: {len(dset)} images ({args.method}, {data.info.name}, ipc {'/'.join(map(str, counts))}, "

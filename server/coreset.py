@@ -6,6 +6,7 @@ method may see (the public subset under ``--pipc``), as in the DC/DM papers' bas
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -58,8 +59,25 @@ def select_random(task: DistillTask, config: RandomConfig) -> MethodOutput:
     return _output(task, picked)
 
 
+# herding and k-center on the same task and seed share one feature network (benchmarks run both)
+_FEATURE_NET_CACHE: dict[tuple, torch.nn.Module] = {}
+
+
+def _feature_cache_key(task: DistillTask, config: FeatureSelectionConfig) -> tuple:
+    digest = hashlib.sha256(task.real_indices.numpy().tobytes()).hexdigest()
+    return (task.dataset_spec, task.info.name, digest, task.seed, str(task.device), config)
+
+
 def train_feature_network(task: DistillTask, config: FeatureSelectionConfig) -> torch.nn.Module:
     """A ConvNet trained (no augmentation) on the data the method may see, to embed it."""
+    key = _feature_cache_key(task, config)
+    if key not in _FEATURE_NET_CACHE:
+        _FEATURE_NET_CACHE.clear()
+        _FEATURE_NET_CACHE[key] = _train_feature_network(task, config)
+    return _FEATURE_NET_CACHE[key]
+
+
+def _train_feature_network(task: DistillTask, config: FeatureSelectionConfig) -> torch.nn.Module:
     generator = make_generator(derive_seed("feature-net", task.seed))
     torch.manual_seed(derive_seed("feature-net-init", task.seed))
     info = task.info

@@ -76,6 +76,7 @@ def register_method(name: str, config_cls: type, description: str = ""):
 def _load_builtin_methods() -> None:
     # Importing a methods module registers its methods.
     import server.coreset  # noqa: F401
+    import server.dm  # noqa: F401
 
 
 def get_method(name: str) -> MethodSpec:

@@ -35,3 +35,10 @@ def mnist(shared_data, data_cache):
     from common.datasets import load_dataset
 
     return load_dataset("mnist", data_root=shared_data, cache_dir=data_cache)
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Tests never read or fill the user's real cache, and ignore a user's $EDGEDISTILL_DATA."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
+    monkeypatch.delenv("EDGEDISTILL_DATA", raising=False)

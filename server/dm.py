@@ -1,0 +1,235 @@
+"""Distribution Matching (Zhao & Bilen, WACV 2023): the ``dm`` method.
+
+Per iteration: a freshly initialised, frozen embedding network psi; for each class c a real
+batch R_c, the synthetic images S_c, one Siamese DSA transform A applied to both, and
+
+    L_DM = sum_c || mean_{x in R_c} psi(A(x)) - mean_{s in S_c} psi(A(s)) ||^2
+
+minimised over the pixels of S by SGD (lr 1, momentum 0.5). Real embeddings need no autograd
+graph. All randomness of iteration t comes from seeds derived from (seed, t), so a run resumed
+from a checkpoint continues exactly as the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from common.augment import DEFAULT_STRATEGY, DSA, strategy_for_dataset
+from common.errors import ConfigError
+from common.models import build_model
+from common.runtime import derive_seed, make_generator
+from server.checkpoint import load_checkpoint, save_checkpoint
+from server.registry import DistillTask, MethodOutput, register_method
+
+CHECKPOINT_FILE = "dm-checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class DMConfig:
+    iterations: int = 20000
+    lr_img: float = 1.0
+    momentum: float = 0.5
+    batch_real: int = 256  # real images per class per iteration (capped by what the class has)
+    init: str = "real"  # real | noise
+    embed_model: str = "convnet3"  # any registry model
+    dsa: bool = True
+    dsa_strategy: str = DEFAULT_STRATEGY  # flips are dropped for digit datasets
+    batch_classes: bool = False  # one forward for all classes instead of one per class
+    checkpoint_every: int = 500  # iterations between checkpoints (0: never)
+    resume: bool = False  # continue from the last checkpoint in the task's workdir
+    log_every: int = 10  # iterations averaged into one loss-curve point
+
+    def __post_init__(self) -> None:
+        if self.iterations < 0 or self.batch_real < 1 or self.lr_img <= 0 or self.log_every < 1:
+            raise ConfigError("dm needs iterations >= 0, batch_real >= 1, lr_img > 0 and log_every >= 1")
+        if self.init not in ("real", "noise"):
+            raise ConfigError(f"dm init {self.init!r}: use real or noise")
+
+
+def initial_images(task: DistillTask, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic images per class from real images of the class (or Gaussian noise)."""
+    info, images, labels = task.info, [], []
+    for c, n in task.counts.items():
+        g = make_generator(derive_seed("dm-init", task.seed, c))
+        shape = (n, info.channels, info.image_size, info.image_size)
+        members = task.real_of_class(c)
+        if init == "noise" or len(members) == 0:
+            images.append(torch.randn(shape, generator=g))
+        else:
+            picks = members[torch.randperm(len(members), generator=g)][:n]
+            chosen = task.real.images[picks]
+            if len(picks) < n:  # fewer public images than slots: repeat them, jittered so they can diverge
+                repeats = chosen[torch.arange(n - len(picks)) % len(picks)]
+                chosen = torch.cat([chosen, repeats + 0.1 * torch.randn(repeats.shape, generator=g)])
+            images.append(chosen.clone())
+        labels.append(torch.full((n,), c, dtype=torch.int64))
+    return torch.cat(images), torch.cat(labels)
+
+
+class DMLoss:
+    """The DM objective for one iteration's random network and augmentation draws."""
+
+    def __init__(self, task: DistillTask, config: DMConfig) -> None:
+        self.task, self.config = task, config
+        self.real_images = task.real.images.to(task.device)
+        self.real_by_class = {c: task.real_of_class(c) for c in task.counts}
+        strategy = strategy_for_dataset(task.info.name, config.dsa_strategy)
+        self.dsa = DSA(strategy) if config.dsa else None
+        self.used = torch.zeros(len(task.real), dtype=torch.bool)  # which real images were ever drawn
+
+    def used_train_indices(self) -> torch.Tensor:
+        """Positions in the training split of every real image this objective has drawn."""
+        return self.task.real_indices[self.used]
+
+    def network(self, iteration: int) -> torch.nn.Module:
+        info = self.task.info
+        torch.manual_seed(derive_seed("dm-net", self.task.seed, iteration))
+        net = build_model(self.config.embed_model, info.channels, info.num_classes, info.image_size)
+        return net.to(self.task.device).train().requires_grad_(False)
+
+    def class_batches(self, syn: torch.Tensor, slices: dict[int, slice], iteration: int, g: torch.Generator):
+        """(class, augmented real batch, augmented synthetic batch) with Siamese augmentation."""
+        for c, sl in slices.items():
+            members = self.real_by_class[c]
+            pick = members[torch.randperm(len(members), generator=g)[: self.config.batch_real]]
+            self.used[pick] = True
+            real = self.real_images[pick.to(self.real_images.device)]
+            fake = syn[sl]
+            if self.dsa is not None:
+                params = self.dsa.sample(1, self.task.info.image_size, g)
+                real, fake = self.dsa.apply(real, params), self.dsa.apply(fake, params)
+            yield c, real, fake
+
+    def backward(self, syn: torch.Tensor, slices: dict[int, slice], iteration: int) -> float:
+        """Accumulate d L_DM / d syn into ``syn.grad``; returns the loss."""
+        net = self.network(iteration)
+        g = make_generator(derive_seed("dm-iter", self.task.seed, iteration))
+        batches = list(self.class_batches(syn, slices, iteration, g))
+        if self.config.batch_classes:
+            with torch.no_grad():
+                real_emb = net.embed(torch.cat([r for _, r, _ in batches]))
+            fake_emb = net.embed(torch.cat([f for _, _, f in batches]))
+            loss, r0, f0 = 0.0, 0, 0
+            for _, r, f in batches:
+                loss = loss + ((real_emb[r0 : r0 + len(r)].mean(0) - fake_emb[f0 : f0 + len(f)].mean(0)) ** 2).sum()
+                r0, f0 = r0 + len(r), f0 + len(f)
+            loss.backward()
+            return float(loss.detach())
+        total = 0.0
+        for _, real, fake in batches:  # one class at a time keeps activations in cache (DESIGN s.12)
+            with torch.no_grad():
+                real_mean = net.embed(real).mean(0)
+            loss = ((real_mean - net.embed(fake).mean(0)) ** 2).sum()
+            loss.backward()
+            total += float(loss.detach())
+        return total
+
+
+def _job_identity(task: DistillTask, config: DMConfig) -> dict:
+    options = {
+        k: v for k, v in dataclasses.asdict(config).items() if k not in ("resume", "iterations", "checkpoint_every")
+    }
+    return {
+        "method": "dm",
+        "options": options,
+        "seed": task.seed,
+        "counts": {int(c): int(n) for c, n in task.counts.items()},
+        "dataset": task.dataset_spec,
+        "real_indices_sum": int(task.real_indices.sum()),
+        "real_count": int(len(task.real_indices)),
+    }
+
+
+def run_dm(
+    task: DistillTask,
+    config: DMConfig,
+    on_iteration: Callable[[int, float], None] | None = None,
+) -> MethodOutput:
+    """Optimise the synthetic set; ``on_iteration(t, loss)`` is called after each step."""
+    images, labels = initial_images(task, config.init)
+    slices, start = {}, 0
+    for c, n in task.counts.items():
+        slices[c], start = slice(start, start + n), start + n
+    syn = images.to(task.device).requires_grad_(True)
+    optimizer = torch.optim.SGD([syn], lr=config.lr_img, momentum=config.momentum)
+    objective = DMLoss(task, config)
+    identity = _job_identity(task, config)
+    ckpt_path = Path(task.workdir) / CHECKPOINT_FILE if task.workdir else None
+    first, curve, window, seconds = 0, [], [], 0.0
+    if config.resume:
+        if ckpt_path is None or not ckpt_path.exists():
+            raise ConfigError(f"--resume: no DM checkpoint at {ckpt_path}; run without --resume to start fresh")
+        state = load_checkpoint(ckpt_path, identity)
+        with torch.no_grad():
+            syn.copy_(state["images"].to(task.device))
+        optimizer.load_state_dict(state["optimizer"])
+        first, curve, window, seconds = state["iteration"], state["loss_curve"], state["window"], state["seconds"]
+
+    def checkpoint(iteration: int) -> None:
+        if ckpt_path is not None:
+            save_checkpoint(
+                ckpt_path,
+                {
+                    **identity,
+                    "images": syn.detach().cpu(),
+                    "optimizer": optimizer.state_dict(),
+                    "iteration": iteration,
+                    "loss_curve": curve,
+                    "window": window,
+                    "seconds": seconds,
+                },
+            )
+
+    bar = tqdm(
+        range(first, config.iterations),
+        desc="dm",
+        initial=first,
+        total=config.iterations,
+        disable=None if task.progress else True,
+        dynamic_ncols=True,
+    )
+    for t in bar:
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = objective.backward(syn, slices, t)
+        optimizer.step()
+        seconds += time.perf_counter() - started
+        window.append(loss)
+        if len(window) == config.log_every:
+            curve.append([t + 1, sum(window) / len(window)])
+            window = []
+            bar.set_postfix(loss=f"{curve[-1][1]:.3f}", refresh=False)
+        if config.checkpoint_every and (t + 1) % config.checkpoint_every == 0 and t + 1 < config.iterations:
+            checkpoint(t + 1)
+        if on_iteration is not None:
+            on_iteration(t, loss)
+    bar.close()
+    if window:
+        curve.append([config.iterations, sum(window) / len(window)])
+    done = config.iterations - first
+    extra = {
+        "loss_curve": curve,
+        "iterations": config.iterations,
+        "seconds_per_iteration": round(seconds / config.iterations, 4) if config.iterations else 0.0,
+        "resumed_from": first if config.resume else None,
+        "iterations_this_run": done,
+        "real_images_used_this_run": int(objective.used.sum()),
+    }
+    return MethodOutput(syn.detach().cpu(), labels, extra)
+
+
+@register_method("dm", DMConfig, "Distribution Matching: match mean embeddings of random networks")
+def distill_dm(task: DistillTask, config: DMConfig) -> MethodOutput:
+    return run_dm(task, config)
+
+
+def remove_checkpoint(task: DistillTask) -> None:
+    if task.workdir and (Path(task.workdir) / CHECKPOINT_FILE).exists():
+        (Path(task.workdir) / CHECKPOINT_FILE).unlink()

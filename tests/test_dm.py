@@ -1,0 +1,107 @@
+import json
+
+import pytest
+import torch
+
+from common.errors import ConfigError
+from server.dm import CHECKPOINT_FILE, DMConfig, DMLoss, run_dm
+from server.registry import distill, make_task
+
+
+def test_dm_loss_decreases_on_digits(digits):
+    task = make_task(digits, 5, pipc=20, seed=0, progress=False)
+    out = distill("dm", task, {"iterations": 40, "init": "noise", "lr_img": 100.0, "log_every": 5})
+    curve = [loss for _, loss in out.manifest["loss_curve"]]
+    assert len(curve) == 8 and curve[-1] < 0.8 * curve[0]
+    assert out.manifest["seconds_per_iteration"] > 0 and out.counts() == task.counts
+
+
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_run(digits, tmp_path):
+    config = dict(iterations=12, checkpoint_every=5, batch_real=16, log_every=3)
+    full = run_dm(make_task(digits, 2, pipc=20, seed=3, progress=False), DMConfig(**config))
+
+    task = make_task(digits, 2, pipc=20, seed=3, progress=False, workdir=tmp_path)
+
+    def crash(t, loss):
+        if t == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_dm(task, DMConfig(**config), on_iteration=crash)
+    assert (tmp_path / CHECKPOINT_FILE).exists()
+    resumed = run_dm(task, DMConfig(**config, resume=True))
+    assert resumed.extra["resumed_from"] == 5 and resumed.extra["iterations_this_run"] == 7
+    assert torch.equal(resumed.images, full.images)
+    assert resumed.extra["loss_curve"] == full.extra["loss_curve"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_job(digits, tmp_path):
+    task = make_task(digits, 2, pipc=20, seed=3, progress=False, workdir=tmp_path)
+    run_dm(task, DMConfig(iterations=4, checkpoint_every=2, batch_real=8), on_iteration=None)
+    other = make_task(digits, 3, pipc=20, seed=3, progress=False, workdir=tmp_path)
+    with pytest.raises(Exception, match="different job"):
+        run_dm(other, DMConfig(iterations=4, checkpoint_every=2, batch_real=8, resume=True))
+    with pytest.raises(ConfigError, match="no DM checkpoint"):
+        run_dm(make_task(digits, 2, progress=False, workdir=tmp_path / "none"), DMConfig(resume=True))
+
+
+def test_ragged_counts(digits):
+    counts = {c: 1 + c % 3 for c in range(10)}
+    out = distill("dm", make_task(digits, counts, pipc=10, seed=0, progress=False), {"iterations": 3})
+    assert out.counts() == counts and out.images.shape == (sum(counts.values()), 1, 8, 8)
+
+
+def test_pipc_bounds_the_real_images_dm_draws(digits):
+    task = make_task(digits, 3, pipc=5, seed=1, progress=False)
+    objective = DMLoss(task, DMConfig(batch_real=256))
+    syn = torch.zeros(30, 1, 8, 8, requires_grad=True)
+    slices = {c: slice(3 * c, 3 * c + 3) for c in range(10)}
+    for t in range(3):
+        objective.backward(syn, slices, t)
+    used = objective.used_train_indices()
+    assert len(used) == 50  # batch_real 256 is capped by the 5 public images per class
+    assert set(used.tolist()) <= set(task.real_indices.tolist())
+    assert torch.bincount(digits.train.labels[used], minlength=10).tolist() == [5] * 10
+
+
+def test_batching_over_classes_gives_the_same_gradient(digits):
+    task = make_task(digits, 2, pipc=8, seed=0, progress=False)
+    slices = {c: slice(2 * c, 2 * c + 2) for c in range(10)}
+    grads = []
+    for batch_classes in (False, True):
+        syn = digits.train.images[:20].clone().requires_grad_(True)
+        DMLoss(task, DMConfig(batch_classes=batch_classes)).backward(syn, slices, 0)
+        grads.append(syn.grad)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+
+
+def test_cli_dm_writes_loss_curve_and_grid(tmp_path):
+    from common.cli import main
+
+    out = tmp_path / "dm"
+    args = [
+        "distill",
+        "--method",
+        "dm",
+        "--dataset",
+        "digits",
+        "--ipc",
+        "2",
+        "--pipc",
+        "10",
+        "--iterations",
+        "4",
+        "--log-every",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
+    assert main(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [p[0] for p in manifest["loss_curve"]] == [2, 4] and manifest["pipc"] == 10
+    assert (out / "grid.png").stat().st_size > 100
+    assert not (tmp_path / "dm.work").exists()  # checkpoints are removed once the artifact is written
+    assert main(args[:-5] + ["--out", str(tmp_path / "dm2"), "--resume", "--no-progress"]) == 2
