@@ -1,0 +1,53 @@
+"""The Flower ClientApp that runs on edge devices.
+
+``train``: load the global weights, train on the node's private data, reply with the model's
+weights (an ArrayRecord) and scalar metrics (a MetricRecord) — nothing else leaves the device:
+no images, no labels, no per-class counts. ``evaluate``: accuracy on the node's held-out data.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from common.models import build_model
+from common.runtime import derive_seed, make_generator
+from common.training import evaluate_model, train_local
+from edge_client.task import ClientTaskConfig, node_data
+
+app = ClientApp()
+
+
+def _model_from(msg: Message, task: ClientTaskConfig, info) -> torch.nn.Module:
+    model = build_model(task.model, info.channels, info.num_classes, info.image_size)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return model
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    task = ClientTaskConfig.from_record(msg.content["config"])
+    data = node_data(context.node_config, task)
+    model = _model_from(msg, task, data.dataset.info)
+    server_round = int(msg.content["config"].get("server-round", 0))
+    generator = make_generator(derive_seed("client", task.seed, server_round, context.node_id))
+    torch.manual_seed(derive_seed("client-torch", task.seed, server_round, context.node_id))
+    metrics = train_local(model, data.train.images, data.train.labels, task.local_train(), generator)
+    reply = RecordDict(
+        {
+            "arrays": ArrayRecord(model.state_dict()),
+            "metrics": MetricRecord({**metrics, "num-examples": len(data.train)}),
+        }
+    )
+    return Message(content=reply, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    task = ClientTaskConfig.from_record(msg.content["config"])
+    data = node_data(context.node_config, task)
+    model = _model_from(msg, task, data.dataset.info)
+    loss, accuracy = evaluate_model(model, data.holdout.images, data.holdout.labels)
+    metrics = MetricRecord({"eval-loss": loss, "eval-accuracy": accuracy, "num-examples": max(1, len(data.holdout))})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

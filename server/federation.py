@@ -1,0 +1,243 @@
+"""The federated run on the server: FedAvg rounds, central evaluation, checkpoints, resume.
+
+:func:`run_federation` is what the Flower ServerApp calls. After every round it evaluates the
+global model on the real test split, appends to the metrics history, and writes a checkpoint
+(global weights + round + history + RNG state) atomically; ``resume`` continues from it for the
+remaining rounds. Every ``distill_every`` rounds and after the last one it runs the *server
+distillation round* hook: for now it saves the global model where distillers look for it
+(``OUT/global-model/``), with the weight decay the clients used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+
+from common.datasets import load_dataset
+from common.errors import ConfigError
+from common.fileio import atomic_write_json
+from common.modelio import save_model
+from common.models import build_model
+from common.runtime import derive_seed
+from common.training import evaluate_model
+from edge_client.task import ClientTaskConfig
+from server.checkpoint import load_checkpoint, save_checkpoint
+from server.strategy import RobustFedAvg, RobustFedProx
+
+log = logging.getLogger("edgedistill.server")
+CHECKPOINT_FILE = "federation-checkpoint.pt"
+GLOBAL_MODEL_DIR = "global-model"
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """The run config of the ServerApp (``[tool.flwr.app.config]``; dashes or underscores)."""
+
+    dataset: str = "digits"
+    data_root: str = ""
+    model: str = "convnet3"
+    num_rounds: int = 3
+    strategy: str = "fedavg"  # fedavg | fedprox
+    proximal_mu: float = 0.01
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 0.0
+    min_train_nodes: int = 2
+    min_available_nodes: int = 2
+    min_valid_replies: int = 1
+    max_update_norm: float = 1e3
+    round_timeout: float = 600.0
+    partition: str = "iid"
+    alpha: float = 0.5
+    shards_per_client: int = 2
+    pipc: str = "50"
+    seed: int = 0
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    out_dir: str = "runs/federation"
+    resume: bool = False
+    distill_every: int = 0  # server distillation round every K rounds (0: only at the end)
+
+    def __post_init__(self) -> None:
+        if self.num_rounds < 1 or self.min_valid_replies < 1 or self.max_update_norm <= 0:
+            raise ConfigError("num-rounds and min-valid-replies must be >= 1 and max-update-norm > 0")
+        if self.strategy not in ("fedavg", "fedprox"):
+            raise ConfigError(f"strategy {self.strategy!r}: use fedavg or fedprox")
+
+    @classmethod
+    def from_run_config(cls, run_config: dict) -> FederationConfig:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {}
+        for key, value in dict(run_config).items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                raise ConfigError(f"unknown run-config key {key!r}; known keys: {', '.join(sorted(fields))}")
+            kind = type(fields[name].default)
+            if kind is bool and isinstance(value, str):
+                value = value.lower() in ("1", "true", "yes")
+            values[name] = kind(value)
+        return cls(**values)
+
+    def client_task(self) -> ClientTaskConfig:
+        shared = {f.name for f in dataclasses.fields(ClientTaskConfig)} & {f.name for f in dataclasses.fields(self)}
+        extra = {"proximal_mu": self.proximal_mu if self.strategy == "fedprox" else 0.0}
+        return ClientTaskConfig(**{**{n: getattr(self, n) for n in shared}, **extra})
+
+
+@dataclass
+class FederationResult:
+    history: list[dict]
+    final_round: int
+    out_dir: Path
+
+
+def make_strategy(config: FederationConfig):
+    common = dict(
+        fraction_train=config.fraction_train,
+        fraction_evaluate=config.fraction_evaluate,
+        min_train_nodes=min(config.min_train_nodes, config.min_available_nodes),
+        min_evaluate_nodes=min(config.min_train_nodes, config.min_available_nodes),
+        min_available_nodes=config.min_available_nodes,
+        max_update_norm=config.max_update_norm,
+        min_valid_replies=config.min_valid_replies,
+    )
+    if config.strategy == "fedprox":
+        return RobustFedProx(proximal_mu=config.proximal_mu, **common)
+    return RobustFedAvg(**common)
+
+
+def run_federation(
+    grid: Grid,
+    config: FederationConfig,
+    on_round: Callable[[dict], None] | None = None,
+) -> FederationResult:
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(config.dataset, data_root=config.data_root or None)
+    info = data.info
+    torch.manual_seed(derive_seed("global-init", config.seed))
+    model = build_model(config.model, info.channels, info.num_classes, info.image_size)
+    identity = {
+        "dataset": config.dataset,
+        "model": config.model,
+        "seed": config.seed,
+        "partition": config.partition,
+        "pipc": config.pipc,
+    }
+    ckpt = out / CHECKPOINT_FILE
+    done, history = 0, []
+    if config.resume and ckpt.exists():
+        state = load_checkpoint(ckpt, identity)
+        model.load_state_dict(state["model"])
+        done, history = int(state["round"]), list(state["history"])
+        torch.set_rng_state(state["torch_rng"])
+        log.info("resuming after round %d of %d", done, config.num_rounds)
+    elif config.resume:
+        raise ConfigError(f"resume: no checkpoint at {ckpt}; run without resume to start fresh")
+    remaining = config.num_rounds - done
+    if remaining <= 0:
+        return FederationResult(history, done, out)
+
+    strategy = make_strategy(config)
+    started = time.perf_counter()
+
+    def evaluate_fn(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if local_round == 0 and done > 0:
+            return None  # round 0 was evaluated by the interrupted run
+        server_round = done + local_round
+        model.load_state_dict(arrays.to_torch_state_dict())
+        loss, accuracy = evaluate_model(model, data.test.images, data.test.labels)
+        record = {
+            "round": server_round,
+            "accuracy": accuracy,
+            "loss": loss,
+            "seconds": round(time.perf_counter() - started, 2),
+            **{k: v for k, v in strategy.round_log.get(local_round, {}).items() if k != "dropped"},
+        }
+        history.append(record)
+        if local_round > 0:
+            save_checkpoint(
+                ckpt,
+                {
+                    **identity,
+                    "model": model.state_dict(),
+                    "round": server_round,
+                    "history": history,
+                    "torch_rng": torch.get_rng_state(),
+                },
+            )
+            last = server_round == config.num_rounds
+            if last or (config.distill_every and server_round % config.distill_every == 0):
+                server_distillation_round(model, info, config, server_round, out)
+        write_metrics(out, history, config)
+        if on_round is not None:
+            on_round(record)
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=remaining,
+        timeout=config.round_timeout,
+        train_config=ConfigRecord(config.client_task().to_record()),
+        evaluate_config=ConfigRecord(config.client_task().to_record()),
+        evaluate_fn=evaluate_fn,
+    )
+    return FederationResult(history, config.num_rounds, out)
+
+
+def server_distillation_round(model, info, config: FederationConfig, server_round: int, out: Path) -> Path:
+    """The hook after aggregation: save the global model where distillers look for it."""
+    target = out / GLOBAL_MODEL_DIR
+    save_model(
+        target,
+        model,
+        info,
+        {
+            "round": server_round,
+            "weight_decay": config.weight_decay,
+            "optimizer": config.optimizer,
+            "dataset_spec": config.dataset,
+            "local_epochs": config.local_epochs,
+        },
+    )
+    return target
+
+
+def write_metrics(out: Path, history: list[dict], config: FederationConfig) -> None:
+    atomic_write_json(out / "metrics.json", {"config": dataclasses.asdict(config), "history": history})
+    plot_history(out / "accuracy.png", history)
+
+
+def plot_history(path: Path, history: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([h["round"] for h in history], [100 * h["accuracy"] for h in history], marker="o")
+    ax.set_xlabel("round")
+    ax.set_ylabel("global test accuracy (%)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def load_history(out: Path) -> list[dict]:
+    return json.loads((Path(out) / "metrics.json").read_text())["history"]

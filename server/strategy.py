@@ -1,0 +1,104 @@
+"""Robust aggregation: FedAvg / FedProx that drop malformed or hostile client updates.
+
+A reply is dropped, with a warning naming the node, when it carries an error (drop-out,
+timeout, crash), lacks its records, has arrays whose names / shapes / dtypes differ from the
+global model's, contains NaN or Inf, claims a non-positive or non-finite example count, or
+moves the model further than ``max_update_norm`` (L2 norm of reply - global). The round then
+aggregates the rest; with fewer than ``min_valid_replies`` left it fails with a clear error
+instead of producing a corrupted model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, FedProx
+
+from common.errors import EdgeDistillError
+
+log = logging.getLogger("edgedistill.server")
+
+
+class FederationError(EdgeDistillError):
+    """A round cannot produce a trustworthy global model."""
+
+
+def inspect_reply(msg: Message, reference: dict[str, np.ndarray], max_update_norm: float) -> str | None:
+    """Why this training reply must be dropped, or None if it is acceptable."""
+    if msg.has_error():
+        return f"client error: {msg.error.reason}"
+    content = msg.content
+    if "arrays" not in content.array_records or "metrics" not in content.metric_records:
+        return "reply lacks its 'arrays' or 'metrics' record"
+    metrics = content.metric_records["metrics"]
+    examples = metrics.get("num-examples")
+    if not isinstance(examples, (int, float)) or not math.isfinite(examples) or examples <= 0:
+        return f"invalid num-examples {examples!r}"
+    arrays = content.array_records["arrays"]
+    if set(arrays.keys()) != set(reference):
+        return f"array names differ from the global model's ({len(arrays)} vs {len(reference)})"
+    squared = 0.0
+    for name, ref in reference.items():
+        try:
+            value = arrays[name].numpy()
+        except Exception as exc:  # undecodable bytes from a hostile client
+            return f"array {name!r} cannot be decoded ({type(exc).__name__})"
+        if value.shape != ref.shape or value.dtype != ref.dtype:
+            return f"array {name!r} is {value.dtype}{list(value.shape)}, expected {ref.dtype}{list(ref.shape)}"
+        if not np.isfinite(value).all():
+            return f"array {name!r} contains NaN or Inf"
+        squared += float(np.sum((value.astype(np.float64) - ref.astype(np.float64)) ** 2))
+    norm = math.sqrt(squared)
+    if norm > max_update_norm:
+        return f"update norm {norm:.3g} exceeds the bound {max_update_norm:.3g}"
+    return None
+
+
+class RobustAggregationMixin:
+    """Validates training replies before the parent strategy aggregates them."""
+
+    def __init__(self, *args, max_update_norm: float = 1e3, min_valid_replies: int = 1, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_update_norm = max_update_norm
+        self.min_valid_replies = min_valid_replies
+        self._reference: dict[str, np.ndarray] = {}
+        self.round_log: dict[int, dict] = {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        self._reference = {name: array.numpy() for name, array in arrays.items()}
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        valid, dropped = [], []
+        for msg in replies:
+            problem = inspect_reply(msg, self._reference, self.max_update_norm)
+            if problem is None:
+                valid.append(msg)
+            else:
+                node = msg.metadata.src_node_id
+                dropped.append({"node": node, "reason": problem})
+                log.warning("round %d: dropping the reply of node %s: %s", server_round, node, problem)
+        self.round_log[server_round] = {"clients_ok": len(valid), "clients_dropped": len(dropped), "dropped": dropped}
+        if len(valid) < self.min_valid_replies:
+            raise FederationError(
+                f"round {server_round}: only {len(valid)} valid client updates of {len(replies)} "
+                f"(min-valid-replies is {self.min_valid_replies}); the global model was not updated. "
+                "Check the clients' logs, or lower min-valid-replies"
+            )
+        return super().aggregate_train(server_round, valid)
+
+
+class RobustFedAvg(RobustAggregationMixin, FedAvg):
+    """FedAvg with reply validation."""
+
+
+class RobustFedProx(RobustAggregationMixin, FedProx):
+    """FedProx (clients add mu/2 ||w - w_global||^2) with reply validation."""
