@@ -30,9 +30,13 @@ def train(msg: Message, context: Context) -> Message:
     task = ClientTaskConfig.from_record(msg.content["config"])
     data = node_data(context.node_config, task)
     model = _model_from(msg, task, data.dataset.info)
-    server_round = int(msg.content["config"].get("server-round", 0))
-    generator = make_generator(derive_seed("client", task.seed, server_round, context.node_id))
-    torch.manual_seed(derive_seed("client-torch", task.seed, server_round, context.node_id))
+    config = msg.content["config"]
+    # a resumed federation restarts Flower's round counter; the offset keeps the global round
+    server_round = int(config.get("server-round", 0)) + int(config.get("round-offset", 0))
+    # a simulated node's identity is its partition (node ids are random per run), so runs repeat
+    who = context.node_config.get("partition-id", context.node_id)
+    generator = make_generator(derive_seed("client", task.seed, server_round, who))
+    torch.manual_seed(derive_seed("client-torch", task.seed, server_round, who))
     metrics = train_local(model, data.train.images, data.train.labels, task.local_train(), generator)
     reply = RecordDict(
         {

@@ -140,7 +140,7 @@ def run_federation(
     done, history = 0, []
     if config.resume and ckpt.exists():
         state = load_checkpoint(ckpt, identity)
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state["global_state"])
         done, history = int(state["round"]), list(state["history"])
         torch.set_rng_state(state["torch_rng"])
         log.info("resuming after round %d of %d", done, config.num_rounds)
@@ -172,7 +172,7 @@ def run_federation(
                 ckpt,
                 {
                     **identity,
-                    "model": model.state_dict(),
+                    "global_state": model.state_dict(),
                     "round": server_round,
                     "history": history,
                     "torch_rng": torch.get_rng_state(),
@@ -191,7 +191,7 @@ def run_federation(
         initial_arrays=ArrayRecord(model.state_dict()),
         num_rounds=remaining,
         timeout=config.round_timeout,
-        train_config=ConfigRecord(config.client_task().to_record()),
+        train_config=ConfigRecord({**config.client_task().to_record(), "round-offset": done}),
         evaluate_config=ConfigRecord(config.client_task().to_record()),
         evaluate_fn=evaluate_fn,
     )

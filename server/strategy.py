@@ -59,6 +59,12 @@ def inspect_reply(msg: Message, reference: dict[str, np.ndarray], max_update_nor
     return None
 
 
+def _reply_order_key(msg: Message) -> tuple[float, float]:
+    arrays = msg.content.array_records["arrays"]
+    checksum = sum(float(np.sum(a.numpy(), dtype=np.float64)) for a in arrays.values())
+    return (float(msg.content.metric_records["metrics"]["num-examples"]), checksum)
+
+
 class RobustAggregationMixin:
     """Validates training replies before the parent strategy aggregates them."""
 
@@ -69,8 +75,12 @@ class RobustAggregationMixin:
         self._reference: dict[str, np.ndarray] = {}
         self.round_log: dict[int, dict] = {}
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+    def set_reference(self, arrays: ArrayRecord) -> None:
+        """The global model the next replies are checked against."""
         self._reference = {name: array.numpy() for name, array in arrays.items()}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        self.set_reference(arrays)
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -93,6 +103,8 @@ class RobustAggregationMixin:
                 f"(min-valid-replies is {self.min_valid_replies}); the global model was not updated. "
                 "Check the clients' logs, or lower min-valid-replies"
             )
+        # replies arrive in any order; a fixed order makes the float sums, and so runs, repeatable
+        valid.sort(key=_reply_order_key)
         return super().aggregate_train(server_round, valid)
 
 
