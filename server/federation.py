@@ -39,15 +39,16 @@ GLOBAL_MODEL_DIR = "global-model"
 
 
 @dataclass(frozen=True)
-class FederationConfig:
-    """The run config of the ServerApp (``[tool.flwr.app.config]``; dashes or underscores)."""
+class FederationConfig(ClientTaskConfig):
+    """The run config of the ServerApp (``[tool.flwr.app.config]``; dashes or underscores).
 
-    dataset: str = "digits"
-    data_root: str = ""
-    model: str = "convnet3"
+    It extends what every client is told each round (:class:`ClientTaskConfig`: dataset,
+    partition, local training) with the server's own settings.
+    """
+
     num_rounds: int = 3
     strategy: str = "fedavg"  # fedavg | fedprox
-    proximal_mu: float = 0.01
+    proximal_mu: float = 0.01  # sent to clients only with strategy fedprox
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.0
     min_train_nodes: int = 2
@@ -55,17 +56,6 @@ class FederationConfig:
     min_valid_replies: int = 1
     max_update_norm: float = 1e3
     round_timeout: float = 600.0
-    partition: str = "iid"
-    alpha: float = 0.5
-    shards_per_client: int = 2
-    pipc: str = "50"
-    seed: int = 0
-    local_epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.01
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
     out_dir: str = "runs/federation"
     resume: bool = False
     distill_every: int = 0  # server distillation round every K rounds (0: only at the end)
@@ -91,9 +81,8 @@ class FederationConfig:
         return cls(**values)
 
     def client_task(self) -> ClientTaskConfig:
-        shared = {f.name for f in dataclasses.fields(ClientTaskConfig)} & {f.name for f in dataclasses.fields(self)}
-        extra = {"proximal_mu": self.proximal_mu if self.strategy == "fedprox" else 0.0}
-        return ClientTaskConfig(**{**{n: getattr(self, n) for n in shared}, **extra})
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(ClientTaskConfig)}
+        return ClientTaskConfig(**{**shared, "proximal_mu": self.proximal_mu if self.strategy == "fedprox" else 0.0})
 
 
 @dataclass

@@ -141,3 +141,17 @@ def test_partitions_are_disjoint_deterministic_and_exclude_the_public_subset(dig
     if scheme != "iid":  # label skew: some client misses a class or is dominated by a few
         shares = [np.bincount(labels.numpy()[p], minlength=10) / len(p) for p in parts]
         assert max(s.max() for s in shares) > 0.3
+
+
+def test_run_config_is_typed_and_refuses_unknown_keys():
+    from common.errors import ConfigError
+    from server.federation import FederationConfig
+
+    config = FederationConfig.from_run_config({"num-rounds": "4", "strategy": "fedprox", "resume": "true"})
+    assert config.num_rounds == 4 and config.resume is True
+    assert config.client_task().proximal_mu == 0.01
+    assert FederationConfig().client_task().proximal_mu == 0.0  # plain FedAvg sends no proximal term
+    with pytest.raises(ConfigError, match="unknown run-config key 'rounds'"):
+        FederationConfig.from_run_config({"rounds": 3})
+    with pytest.raises(ConfigError, match="fedavg or fedprox"):
+        FederationConfig(strategy="krum")
