@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from common.augment import DEFAULT_STRATEGY, DSA
+from common.augment import DEFAULT_STRATEGY, DSA, strategy_for_dataset
 from common.datasets import DatasetInfo, Split
 from common.errors import ConfigError
 from common.models import build_model
@@ -182,10 +182,8 @@ def evaluate_set(
 ) -> EvalResult:
     """Train ``runs`` fresh ``arch`` networks on ``(images, labels)``; last-epoch test accuracy each."""
     config = config or PRESETS["paper"]
-    if config.dsa and config.dsa_strategy == DEFAULT_STRATEGY:
-        from common.augment import strategy_for_dataset
-
-        config = replace(config, dsa_strategy=strategy_for_dataset(info.name))
+    if config.dsa:
+        config = replace(config, dsa_strategy=strategy_for_dataset(info.name, config.dsa_strategy))
     if runs < 1:
         raise ConfigError("--runs must be at least 1")
     dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device

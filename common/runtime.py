@@ -44,6 +44,15 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
 
 
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocations on a GPU, max RSS on CPU (Linux reports KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def default_cache_dir() -> Path:
     """User cache dir for datasets and Flower state: ``$XDG_CACHE_HOME/edgedistill`` or ``~/.cache``."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")

@@ -87,10 +87,11 @@ def node_data(node_config: dict, task: ClientTaskConfig) -> NodeData:
         return NodeData(data.train, data.test, data)
     if "partition-id" in node_config and "num-partitions" in node_config:
         pid, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
-        data = _cached_dataset(task.dataset, str(node_config.get("data-root", task.data_root)))
+        data_root = str(node_config.get("data-root", task.data_root))
+        data = _cached_dataset(task.dataset, data_root)
         parts = _cached_partitions(
             task.dataset,
-            str(node_config.get("data-root", task.data_root)),
+            data_root,
             n,
             task.partition,
             task.alpha,

@@ -94,7 +94,7 @@ class DMLoss:
         net = build_model(self.config.embed_model, info.channels, info.num_classes, info.image_size)
         return net.to(self.task.device).train().requires_grad_(False)
 
-    def class_batches(self, syn: torch.Tensor, slices: dict[int, slice], iteration: int, g: torch.Generator):
+    def class_batches(self, syn: torch.Tensor, slices: dict[int, slice], g: torch.Generator):
         """(class, augmented real batch, augmented synthetic batch) with Siamese augmentation."""
         for c, sl in slices.items():
             members = self.real_by_class[c]
@@ -111,7 +111,7 @@ class DMLoss:
         """Accumulate d L_DM / d syn into ``syn.grad``; returns the loss."""
         net = self.network(iteration)
         g = make_generator(derive_seed("dm-iter", self.task.seed, iteration))
-        batches = list(self.class_batches(syn, slices, iteration, g))
+        batches = list(self.class_batches(syn, slices, g))
         if self.config.batch_classes:
             with torch.no_grad():
                 real_emb = net.embed(torch.cat([r for _, r, _ in batches]))
@@ -228,8 +228,3 @@ def run_dm(
 @register_method("dm", DMConfig, "Distribution Matching: match mean embeddings of random networks")
 def distill_dm(task: DistillTask, config: DMConfig) -> MethodOutput:
     return run_dm(task, config)
-
-
-def remove_checkpoint(task: DistillTask) -> None:
-    if task.workdir and (Path(task.workdir) / CHECKPOINT_FILE).exists():
-        (Path(task.workdir) / CHECKPOINT_FILE).unlink()

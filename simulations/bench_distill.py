@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import resource
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +24,7 @@ from common.errors import ConfigError
 from common.evaluation import PRESETS, evaluate_set
 from common.fileio import atomic_write_bytes, atomic_write_json
 from common.report import format_accuracy, markdown_table
-from common.runtime import resolve_device
+from common.runtime import peak_memory_mib, resolve_device
 from server.registry import distill, get_method, make_task
 
 
@@ -71,12 +70,6 @@ def method_options(settings: list[str], methods: list[str]) -> dict[str, dict]:
         kind = type(fields[name].default)
         options.setdefault(method, {})[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     return options
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def main(argv=None) -> int:
@@ -139,7 +132,7 @@ def main(argv=None) -> int:
     notes = [
         f"{r['method']} pipc {r['pipc']} ipc {r['ipc']}: {r['seconds_per_iteration']:.3f} s/iteration" for r in timing
     ]
-    peak = peak_memory_mb(device)
+    peak = peak_memory_mib(device)
     header = (
         f"{args.dataset}, {args.model} evaluation, {config.epochs}-epoch protocol, {args.runs} runs, "
         f"device {device.type}; options {options}"

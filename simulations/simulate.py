@@ -10,7 +10,6 @@ project-local FLWR_HOME). Ray is stopped when the run ends, also on Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 from pathlib import Path
 
@@ -152,5 +151,5 @@ def simulate_main(args: argparse.Namespace) -> int:
         for h in history
     ]
     print("\n" + markdown_table(["round", "global acc %", "loss", "clients ok", "dropped"], rows))
-    print(f"\nwrote {args.out}/metrics.json, accuracy.png, global-model/ ({dataclasses.asdict(config)['dataset']})")
+    print(f"\nwrote {args.out}/metrics.json, accuracy.png, global-model/ ({config.dataset})")
     return 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import resource
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 from common.datasets import load_dataset
 from common.fileio import atomic_write_json
 from common.report import markdown_table
-from common.runtime import resolve_device
+from common.runtime import peak_memory_mib, resolve_device
 from server.dm import DMConfig, DMLoss, initial_images
 from server.registry import make_task
 
@@ -65,11 +64,7 @@ def main(argv=None) -> int:
         name = "one batch over classes" if batch_classes else "loop over classes"
         results[name] = s
         rows.append([name, f"{s:.3f}"])
-    peak = (
-        torch.cuda.max_memory_allocated(device) / 2**20
-        if device.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    )
+    peak = peak_memory_mib(device)
     print(
         f"{args.dataset} ipc {args.ipc} pipc {args.pipc} batch_real {args.batch_real} on {device.type} "
         f"({torch.get_num_threads()} threads)\n"
