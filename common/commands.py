@@ -128,3 +128,66 @@ def evaluate_main(args: argparse.Namespace) -> int:
     atomic_write_json(out, {"results": results})
     print(f"\nwrote {out}")
     return 0
+
+
+# ------------------------------------------------------------------------------ train
+def train_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    parser.add_argument("--dataset", default="digits", help="registry name, npz:PATH or imagefolder:PATH")
+    parser.add_argument("--model", default="convnet3", help="registry architecture")
+    parser.add_argument("--pipc", default="all", help="train only on the public subset of K images per class")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
+    parser.add_argument("--weight-decay", type=float, default=5e-4, help="coupled L2 (recorded for DKKT)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--out", required=True, help="model directory to write (model.safetensors + model.json)")
+    parser.add_argument("--overwrite", action="store_true")
+    add_data_arguments(parser)
+
+
+def train_main(args: argparse.Namespace) -> int:
+    """Train a model centrally and save it where DKKT methods take it (``--global-model DIR``)."""
+    import torch
+
+    from common.datasets import load_dataset
+    from common.errors import ArtifactError
+    from common.modelio import save_model
+    from common.models import build_model
+    from common.runtime import derive_seed, resolve_device
+    from common.subsets import parse_pipc, public_subset_indices
+    from common.training import LocalTrainConfig, evaluate_model, train_central_model
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ArtifactError(f"{out} already exists; pass --overwrite or choose another --out")
+    device = resolve_device(args.device)
+    data = load_dataset(args.dataset, data_root=args.data_root, download=args.download)
+    info = data.info
+    indices = public_subset_indices(data.train.labels, info.num_classes, parse_pipc(args.pipc), args.seed)
+    train = data.train.subset(indices)
+    torch.manual_seed(derive_seed("train-init", args.seed))
+    model = build_model(args.model, info.channels, info.num_classes, info.image_size)
+    config = LocalTrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        weight_decay=args.weight_decay,
+    )
+    stats = train_central_model(model, train.images, train.labels, config, seed=args.seed, device=device)
+    _, accuracy = evaluate_model(model, data.test.images, data.test.labels, device=device)
+    meta = {
+        "weight_decay": args.weight_decay,
+        "optimizer": args.optimizer,
+        "dataset_spec": args.dataset,
+        "epochs": args.epochs,
+        "train_images": len(train),
+        "test_accuracy": accuracy,
+        **stats,
+    }
+    digest = save_model(out, model.cpu(), info, meta, overwrite=args.overwrite)
+    print(f"wrote {out}: {args.model} on {len(train)} {info.name} images, test accuracy {100 * accuracy:.2f} %")
+    print(f"  sha256 {digest[:16]}...  use it with: edgedistill distill --method dsv --global-model {out} ...")
+    return 0

@@ -79,3 +79,17 @@ def evaluate_model(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
         correct += int((logits.argmax(1) == y).sum())
     n = max(1, len(labels))
     return loss_sum / n, correct / n
+
+
+def train_central_model(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: LocalTrainConfig,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Train a model on data the server may use (a reference or teacher model for DKKT)."""
+    from common.runtime import make_generator
+
+    return train_local(model, images, labels, config, make_generator(seed), device)

@@ -13,22 +13,20 @@ from a checkpoint continues exactly as the uninterrupted run would.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from common.augment import DEFAULT_STRATEGY, DSA, strategy_for_dataset
 from common.errors import ConfigError
 from common.models import build_model
 from common.runtime import derive_seed, make_generator
-from server.checkpoint import load_checkpoint, save_checkpoint
 from server.registry import DistillTask, MethodOutput, register_method
+from server.synthesis import LoopSettings, optimise_pixels, slices_of
 
-CHECKPOINT_FILE = "dm-checkpoint.pt"
+CHECKPOINT_FILE = "dm-checkpoint.pt"  # written by the shared loop as f"{label}-checkpoint.pt"
+NON_IDENTITY_OPTIONS = ("resume", "iterations", "checkpoint_every", "time_limit")
 
 
 @dataclass(frozen=True)
@@ -45,6 +43,7 @@ class DMConfig:
     checkpoint_every: int = 500  # iterations between checkpoints (0: never)
     resume: bool = False  # continue from the last checkpoint in the task's workdir
     log_every: int = 10  # iterations averaged into one loss-curve point
+    time_limit: float = 0.0  # seconds of optimisation before stopping early with a note (0: none)
 
     def __post_init__(self) -> None:
         if self.iterations < 0 or self.batch_real < 1 or self.lr_img <= 0 or self.log_every < 1:
@@ -74,10 +73,13 @@ def initial_images(task: DistillTask, init: str) -> tuple[torch.Tensor, torch.Te
 
 
 class DMLoss:
-    """The DM objective for one iteration's random network and augmentation draws."""
+    """The DM objective (an :class:`~server.synthesis.Objective`): one random network per iteration."""
+
+    name = "dm"
 
     def __init__(self, task: DistillTask, config: DMConfig) -> None:
         self.task, self.config = task, config
+        self.slices = slices_of(task.counts)
         self.real_images = task.real.images.to(task.device)
         self.real_by_class = {c: task.real_of_class(c) for c in task.counts}
         strategy = strategy_for_dataset(task.info.name, config.dsa_strategy)
@@ -94,9 +96,9 @@ class DMLoss:
         net = build_model(self.config.embed_model, info.channels, info.num_classes, info.image_size)
         return net.to(self.task.device).train().requires_grad_(False)
 
-    def class_batches(self, syn: torch.Tensor, slices: dict[int, slice], g: torch.Generator):
+    def class_batches(self, syn: torch.Tensor, g: torch.Generator):
         """(class, augmented real batch, augmented synthetic batch) with Siamese augmentation."""
-        for c, sl in slices.items():
+        for c, sl in self.slices.items():
             members = self.real_by_class[c]
             pick = members[torch.randperm(len(members), generator=g)[: self.config.batch_real]]
             self.used[pick] = True
@@ -107,11 +109,11 @@ class DMLoss:
                 real, fake = self.dsa.apply(real, params), self.dsa.apply(fake, params)
             yield c, real, fake
 
-    def backward(self, syn: torch.Tensor, slices: dict[int, slice], iteration: int) -> float:
+    def backward(self, syn: torch.Tensor, iteration: int) -> float:
         """Accumulate d L_DM / d syn into ``syn.grad``; returns the loss."""
         net = self.network(iteration)
         g = make_generator(derive_seed("dm-iter", self.task.seed, iteration))
-        batches = list(self.class_batches(syn, slices, g))
+        batches = list(self.class_batches(syn, g))
         if self.config.batch_classes:
             with torch.no_grad():
                 real_emb = net.embed(torch.cat([r for _, r, _ in batches]))
@@ -131,13 +133,21 @@ class DMLoss:
             total += float(loss.detach())
         return total
 
+    def after_step(self) -> None:
+        pass
 
-def _job_identity(task: DistillTask, config: DMConfig) -> dict:
-    options = {
-        k: v for k, v in dataclasses.asdict(config).items() if k not in ("resume", "iterations", "checkpoint_every")
-    }
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def job_identity(method: str, task: DistillTask, config) -> dict:
+    """What a checkpoint must match to be resumed (options that change the result, the data, the seed)."""
+    options = {k: v for k, v in dataclasses.asdict(config).items() if k not in NON_IDENTITY_OPTIONS}
     return {
-        "method": "dm",
+        "method": method,
         "options": options,
         "seed": task.seed,
         "counts": {int(c): int(n) for c, n in task.counts.items()},
@@ -147,6 +157,20 @@ def _job_identity(task: DistillTask, config: DMConfig) -> dict:
     }
 
 
+def loop_settings(config) -> LoopSettings:
+    return LoopSettings(
+        iterations=config.iterations,
+        checkpoint_every=config.checkpoint_every,
+        resume=config.resume,
+        log_every=config.log_every,
+        time_limit=config.time_limit,
+    )
+
+
+def dm_optimizer(config: DMConfig) -> Callable[[torch.Tensor], torch.optim.Optimizer]:
+    return lambda syn: torch.optim.SGD([syn], lr=config.lr_img, momentum=config.momentum)
+
+
 def run_dm(
     task: DistillTask,
     config: DMConfig,
@@ -154,75 +178,19 @@ def run_dm(
 ) -> MethodOutput:
     """Optimise the synthetic set; ``on_iteration(t, loss)`` is called after each step."""
     images, labels = initial_images(task, config.init)
-    slices, start = {}, 0
-    for c, n in task.counts.items():
-        slices[c], start = slice(start, start + n), start + n
-    syn = images.to(task.device).requires_grad_(True)
-    optimizer = torch.optim.SGD([syn], lr=config.lr_img, momentum=config.momentum)
     objective = DMLoss(task, config)
-    identity = _job_identity(task, config)
-    ckpt_path = Path(task.workdir) / CHECKPOINT_FILE if task.workdir else None
-    first, curve, window, seconds = 0, [], [], 0.0
-    if config.resume:
-        if ckpt_path is None or not ckpt_path.exists():
-            raise ConfigError(f"--resume: no DM checkpoint at {ckpt_path}; run without --resume to start fresh")
-        state = load_checkpoint(ckpt_path, identity)
-        with torch.no_grad():
-            syn.copy_(state["images"].to(task.device))
-        optimizer.load_state_dict(state["optimizer"])
-        first, curve, window, seconds = state["iteration"], state["loss_curve"], state["window"], state["seconds"]
-
-    def checkpoint(iteration: int) -> None:
-        if ckpt_path is not None:
-            save_checkpoint(
-                ckpt_path,
-                {
-                    **identity,
-                    "images": syn.detach().cpu(),
-                    "optimizer": optimizer.state_dict(),
-                    "iteration": iteration,
-                    "loss_curve": curve,
-                    "window": window,
-                    "seconds": seconds,
-                },
-            )
-
-    bar = tqdm(
-        range(first, config.iterations),
-        desc="dm",
-        initial=first,
-        total=config.iterations,
-        disable=None if task.progress else True,
-        dynamic_ncols=True,
+    syn, extra = optimise_pixels(
+        task,
+        "dm",
+        images,
+        dm_optimizer(config),
+        [objective],
+        loop_settings(config),
+        job_identity("dm", task, config),
+        on_iteration,
     )
-    for t in bar:
-        started = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss = objective.backward(syn, slices, t)
-        optimizer.step()
-        seconds += time.perf_counter() - started
-        window.append(loss)
-        if len(window) == config.log_every:
-            curve.append([t + 1, sum(window) / len(window)])
-            window = []
-            bar.set_postfix(loss=f"{curve[-1][1]:.3f}", refresh=False)
-        if config.checkpoint_every and (t + 1) % config.checkpoint_every == 0 and t + 1 < config.iterations:
-            checkpoint(t + 1)
-        if on_iteration is not None:
-            on_iteration(t, loss)
-    bar.close()
-    if window:
-        curve.append([config.iterations, sum(window) / len(window)])
-    done = config.iterations - first
-    extra = {
-        "loss_curve": curve,
-        "iterations": config.iterations,
-        "seconds_per_iteration": round(seconds / config.iterations, 4) if config.iterations else 0.0,
-        "resumed_from": first if config.resume else None,
-        "iterations_this_run": done,
-        "real_images_used_this_run": int(objective.used.sum()),
-    }
-    return MethodOutput(syn.detach().cpu(), labels, extra)
+    extra["real_images_used_this_run"] = int(objective.used.sum())
+    return MethodOutput(syn, labels, extra)
 
 
 @register_method("dm", DMConfig, "Distribution Matching: match mean embeddings of random networks")

@@ -31,6 +31,7 @@ from common.runtime import derive_seed
 from common.training import evaluate_model
 from edge_client.task import ClientTaskConfig
 from server.checkpoint import load_checkpoint, save_checkpoint
+from server.rounds import distill_and_evaluate
 from server.strategy import RobustFedAvg, RobustFedProx
 
 log = logging.getLogger("edgedistill.server")
@@ -59,12 +60,39 @@ class FederationConfig(ClientTaskConfig):
     out_dir: str = "runs/federation"
     resume: bool = False
     distill_every: int = 0  # server distillation round every K rounds (0: only at the end)
+    distill_method: str = ""  # a registry method run in each server distillation round ("": save the model only)
+    distill_ipc: str = "10"
+    distill_iterations: int = 200
+    distill_time_limit: float = 600.0  # seconds; a round's distillation stops early past it
+    distill_options: str = ""  # more method options, "name=value,name=value"
+    distill_eval_runs: int = 2
+    distill_eval_epochs: int = 300
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1 or self.min_valid_replies < 1 or self.max_update_norm <= 0:
             raise ConfigError("num-rounds and min-valid-replies must be >= 1 and max-update-norm > 0")
         if self.strategy not in ("fedavg", "fedprox"):
             raise ConfigError(f"strategy {self.strategy!r}: use fedavg or fedprox")
+        if self.distill_method:
+            self.round_plan()  # unknown methods and options fail before the first round, not after it
+
+    def round_plan(self):
+        """The server distillation round's plan (``distill_*`` keys of the run config)."""
+        from server.registry import get_method, parse_options
+        from server.rounds import RoundPlan
+
+        get_method(self.distill_method)
+        return RoundPlan(
+            method=self.distill_method,
+            ipc=self.distill_ipc,
+            pipc=self.pipc,
+            iterations=self.distill_iterations,
+            time_limit=self.distill_time_limit,
+            options=parse_options(self.distill_method, self.distill_options),
+            eval_runs=self.distill_eval_runs,
+            eval_epochs=self.distill_eval_epochs,
+            seed=self.seed,
+        )
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> FederationConfig:
@@ -157,19 +185,18 @@ def run_federation(
         }
         history.append(record)
         if local_round > 0:
-            save_checkpoint(
-                ckpt,
-                {
-                    **identity,
-                    "global_state": model.state_dict(),
-                    "round": server_round,
-                    "history": history,
-                    "torch_rng": torch.get_rng_state(),
-                },
-            )
+            state = {
+                **identity,
+                "global_state": model.state_dict(),
+                "round": server_round,
+                "history": history,
+                "torch_rng": torch.get_rng_state(),
+            }
+            save_checkpoint(ckpt, state)
             last = server_round == config.num_rounds
             if last or (config.distill_every and server_round % config.distill_every == 0):
-                server_distillation_round(model, info, config, server_round, out)
+                record.update(server_distillation_round(model, data, config, server_round, out, accuracy))
+                save_checkpoint(ckpt, state)  # again, now with the distillation metrics in the history
         write_metrics(out, history, config)
         if on_round is not None:
             on_round(record)
@@ -187,22 +214,45 @@ def run_federation(
     return FederationResult(history, config.num_rounds, out)
 
 
-def server_distillation_round(model, info, config: FederationConfig, server_round: int, out: Path) -> Path:
-    """The hook after aggregation: save the global model where distillers look for it."""
+def server_distillation_round(
+    model, data, config: FederationConfig, server_round: int, out: Path, accuracy: float
+) -> dict:
+    """The hook after aggregation: save the global model; with ``distill_method``, distill and evaluate.
+
+    Returns the round's distillation metrics for the history (empty when only the model is saved).
+    """
     target = out / GLOBAL_MODEL_DIR
-    save_model(
+    digest = save_model(
         target,
         model,
-        info,
+        data.info,
         {
             "round": server_round,
+            "accuracy": accuracy,
             "weight_decay": config.weight_decay,
             "optimizer": config.optimizer,
             "dataset_spec": config.dataset,
             "local_epochs": config.local_epochs,
         },
     )
-    return target
+    if not config.distill_method:
+        return {}
+    plan = config.round_plan()
+    log.info(
+        "server distillation round after round %d: %s, ipc %s, pipc %s", server_round, plan.method, plan.ipc, plan.pipc
+    )
+    artifact = out / "distilled" / f"round-{server_round:04d}-{plan.method}"
+    labels = {"round": server_round, "global_model_accuracy": accuracy, "federation_out": str(out)}
+    result = distill_and_evaluate(data, plan, artifact, global_model=target, labels=labels)
+    assert result["global_model_sha256"] == digest
+    return {
+        "distill_method": plan.method,
+        "distilled_accuracy": result["accuracy"],
+        "distilled_accuracy_std": result["accuracy_std"],
+        "distill_seconds": result["distill_seconds"],
+        "distilled_artifact": result["artifact"],
+        "distill_stopped_early": result["stopped_early"],
+    }
 
 
 def write_metrics(out: Path, history: list[dict], config: FederationConfig) -> None:
@@ -217,9 +267,18 @@ def plot_history(path: Path, history: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([h["round"] for h in history], [100 * h["accuracy"] for h in history], marker="o")
+    ax.plot([h["round"] for h in history], [100 * h["accuracy"] for h in history], marker="o", label="global model")
+    distilled = [h for h in history if "distilled_accuracy" in h]
+    if distilled:
+        ax.plot(
+            [h["round"] for h in distilled],
+            [100 * h["distilled_accuracy"] for h in distilled],
+            marker="s",
+            label=f"distilled set ({distilled[-1]['distill_method']})",
+        )
+        ax.legend()
     ax.set_xlabel("round")
-    ax.set_ylabel("global test accuracy (%)")
+    ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")

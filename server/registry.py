@@ -77,6 +77,7 @@ def _load_builtin_methods() -> None:
     # Importing a methods module registers its methods.
     import server.coreset  # noqa: F401
     import server.dm  # noqa: F401
+    import server.dsv  # noqa: F401
 
 
 def get_method(name: str) -> MethodSpec:
@@ -100,6 +101,34 @@ def make_config(name: str, options: dict[str, Any] | None = None) -> Any:
             f"method {name!r} has no option {', '.join(unknown)}; its options are: {', '.join(sorted(known)) or 'none'}"
         )
     return spec.config_cls(**options)
+
+
+def coerce_option(name: str, option: str, value: Any) -> Any:
+    """A method option from text (a flag, a run-config string) to the type of its default."""
+    fields = {f.name: f for f in dataclasses.fields(get_method(name).config_cls)}
+    if option not in fields:
+        raise ConfigError(f"method {name!r} has no option {option!r}; its options are: {', '.join(fields)}")
+    kind = type(fields[option].default)
+    if not isinstance(value, str) or kind is str:
+        return value
+    if kind is bool:
+        return value.lower() in ("1", "true", "yes", "on")
+    try:
+        return kind(value)
+    except ValueError:
+        raise ConfigError(f"option {option!r} of {name!r} needs a {kind.__name__}, got {value!r}") from None
+
+
+def parse_options(name: str, text: str) -> dict[str, Any]:
+    """``"w_kkt=10,lambda_init=0"`` -> typed options of method ``name`` (dashes or underscores)."""
+    options = {}
+    for item in filter(None, (part.strip() for part in text.replace(";", ",").split(","))):
+        if "=" not in item:
+            raise ConfigError(f"method option {item!r}: use NAME=VALUE, e.g. iterations=200")
+        key, value = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        options[key] = coerce_option(name, key, value.strip())
+    return options
 
 
 def make_task(

@@ -25,7 +25,7 @@ from common.evaluation import PRESETS, evaluate_set
 from common.fileio import atomic_write_bytes, atomic_write_json
 from common.report import format_accuracy, markdown_table
 from common.runtime import peak_memory_mib, resolve_device
-from server.registry import distill, get_method, make_task
+from server.registry import coerce_option, distill, make_task
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,8 +55,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def method_options(settings: list[str], methods: list[str]) -> dict[str, dict]:
     """``["dm.iterations=200"]`` -> ``{"dm": {"iterations": 200}}``, typed by the method's config."""
-    import dataclasses
-
     options: dict[str, dict] = {m: {} for m in methods}
     for item in settings:
         try:
@@ -64,11 +62,7 @@ def method_options(settings: list[str], methods: list[str]) -> dict[str, dict]:
             method, name = key.split(".", 1)
         except ValueError:
             raise ConfigError(f"--set {item!r}: use METHOD.OPTION=VALUE, e.g. dm.iterations=200") from None
-        fields = {f.name: f for f in dataclasses.fields(get_method(method).config_cls)}
-        if name not in fields:
-            raise ConfigError(f"--set {item!r}: {method} has no option {name!r}; it has {', '.join(fields)}")
-        kind = type(fields[name].default)
-        options.setdefault(method, {})[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        options.setdefault(method, {})[name] = coerce_option(method, name, value)
     return options
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from common.report import markdown_table
@@ -46,7 +47,25 @@ def simulate_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--max-update-norm", type=float, default=1e3)
     parser.add_argument("--min-valid-replies", type=int, default=1)
-    parser.add_argument("--distill-every", type=int, default=0)
+    parser.add_argument("--distill-every", type=int, default=0, help="server distillation round every K rounds")
+    parser.add_argument("--distill", default="", metavar="METHOD", help="distill in server rounds (e.g. dm+dkkt)")
+    parser.add_argument("--ipc", default="10", help="synthetic images per class of the server rounds")
+    parser.add_argument("--iterations", type=int, default=200, help="iteration budget of a server round's method")
+    parser.add_argument("--distill-time-limit", type=float, default=600.0, help="seconds per server round")
+    parser.add_argument(
+        "--distill-option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an option of the --distill method, e.g. w_kkt=100 (repeatable)",
+    )
+    parser.add_argument(
+        "--compare",
+        default="random,herding,dm,dsv,dm+dkkt",
+        help="methods run once after the last round on the same ipc/pipc for the summary table ('' for none)",
+    )
+    parser.add_argument("--eval-runs", type=int, default=2, help="evaluation runs per distilled set")
+    parser.add_argument("--eval-epochs", type=int, default=300, help="epochs per evaluation run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/simulation")
     parser.add_argument("--resume", action="store_true", help="continue from the last round's checkpoint")
@@ -81,6 +100,13 @@ def config_from_args(args: argparse.Namespace):
         out_dir=args.out,
         resume=args.resume,
         distill_every=args.distill_every,
+        distill_method=args.distill,
+        distill_ipc=str(args.ipc),
+        distill_iterations=args.iterations,
+        distill_time_limit=args.distill_time_limit,
+        distill_options=",".join(args.distill_option),
+        distill_eval_runs=args.eval_runs,
+        distill_eval_epochs=args.eval_epochs,
     )
 
 
@@ -152,4 +178,61 @@ def simulate_main(args: argparse.Namespace) -> int:
     ]
     print("\n" + markdown_table(["round", "global acc %", "loss", "clients ok", "dropped"], rows))
     print(f"\nwrote {args.out}/metrics.json, accuracy.png, global-model/ ({config.dataset})")
+    if config.distill_method:
+        compare = [m for m in args.compare.split(",") if m.strip()]
+        summary = compare_methods(config, history, compare)
+        print("\n" + summary)
     return 0
+
+
+def compare_methods(config, history: list[dict], methods: list[str]) -> str:
+    """Distill with each method once from the final global model; the summary table (markdown)."""
+    from common.datasets import load_dataset
+    from common.fileio import atomic_write_bytes, atomic_write_json
+    from common.report import format_accuracy
+    from server.federation import GLOBAL_MODEL_DIR
+    from server.rounds import distill_and_evaluate
+
+    out = Path(config.out_dir)
+    final = history[-1]
+    plan = config.round_plan()
+    data = load_dataset(config.dataset, data_root=config.data_root or None)
+    rows = [(f"global model (FedAvg, {final['round']} rounds)", "-", f"{100 * final['accuracy']:.2f}", "-")]
+    results = []
+    for method in dict.fromkeys([*methods, config.distill_method]):
+        if method == config.distill_method and "distilled_accuracy" in final:
+            result = {
+                "method": method,
+                "accuracy": final["distilled_accuracy"],
+                "accuracy_std": final["distilled_accuracy_std"],
+                "distill_seconds": final["distill_seconds"],
+                "artifact": final["distilled_artifact"],
+            }
+        else:
+            print(f"comparison: {method} (ipc {plan.ipc}, pipc {plan.pipc}) ...", flush=True)
+            options = plan.options if method == plan.method else {}
+            result = distill_and_evaluate(
+                data,
+                replace(plan, method=method, options=options),
+                out / "compare" / method,
+                global_model=out / GLOBAL_MODEL_DIR,
+                labels={"round": final["round"], "comparison": True},
+            )
+        results.append(result)
+        label = f"{method} (server round)" if method == config.distill_method else method
+        rows.append(
+            (
+                label,
+                plan.ipc,
+                format_accuracy(result["accuracy"], result["accuracy_std"]),
+                f"{result['distill_seconds']:.1f}",
+            )
+        )
+    table = markdown_table(["", "ipc", "test accuracy %", "distill s"], rows)
+    text = (
+        f"{config.dataset}: {final['round']} rounds, pipc {plan.pipc}, {plan.iterations} iterations per method, "
+        f"evaluation {plan.eval_runs} x ConvNet-3 {plan.eval_epochs} epochs\n\n{table}\n"
+    )
+    atomic_write_json(out / "summary.json", {"global_model": final, "methods": results})
+    atomic_write_bytes(out / "summary.md", text.encode())
+    return text

@@ -27,9 +27,6 @@ def time_mode(task, batch_classes: bool, iterations: int, batch_real: int) -> fl
     config = DMConfig(batch_classes=batch_classes, batch_real=batch_real)
     images, _ = initial_images(task, "real")
     syn = images.to(task.device).requires_grad_(True)
-    slices, start = {}, 0
-    for c, n in task.counts.items():
-        slices[c], start = slice(start, start + n), start + n
     objective = DMLoss(task, config)
     seconds = []
     for t in range(iterations + 1):
@@ -37,7 +34,7 @@ def time_mode(task, batch_classes: bool, iterations: int, batch_real: int) -> fl
             torch.cuda.synchronize()
         started = time.perf_counter()
         syn.grad = None
-        objective.backward(syn, slices, t)
+        objective.backward(syn, t)
         if task.device.type == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - started)

@@ -55,9 +55,8 @@ def test_pipc_bounds_the_real_images_dm_draws(digits):
     task = make_task(digits, 3, pipc=5, seed=1, progress=False)
     objective = DMLoss(task, DMConfig(batch_real=256))
     syn = torch.zeros(30, 1, 8, 8, requires_grad=True)
-    slices = {c: slice(3 * c, 3 * c + 3) for c in range(10)}
     for t in range(3):
-        objective.backward(syn, slices, t)
+        objective.backward(syn, t)
     used = objective.used_train_indices()
     assert len(used) == 50  # batch_real 256 is capped by the 5 public images per class
     assert set(used.tolist()) <= set(task.real_indices.tolist())
@@ -66,11 +65,10 @@ def test_pipc_bounds_the_real_images_dm_draws(digits):
 
 def test_batching_over_classes_gives_the_same_gradient(digits):
     task = make_task(digits, 2, pipc=8, seed=0, progress=False)
-    slices = {c: slice(2 * c, 2 * c + 2) for c in range(10)}
     grads = []
     for batch_classes in (False, True):
         syn = digits.train.images[:20].clone().requires_grad_(True)
-        DMLoss(task, DMConfig(batch_classes=batch_classes)).backward(syn, slices, 0)
+        DMLoss(task, DMConfig(batch_classes=batch_classes)).backward(syn, 0)
         grads.append(syn.grad)
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-5)
 

@@ -41,3 +41,33 @@ def test_four_clients_learn_digits_and_a_stopped_run_resumes_to_the_same_history
     for a, b in zip(full, resumed):
         assert a["accuracy"] == pytest.approx(b["accuracy"], abs=1e-9)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_server_distillation_rounds_inside_a_simulation_and_the_summary_table(tmp_path, capsys):
+    from common.artifacts import load_distilled_set, read_manifest
+    from common.cli import main
+
+    out = tmp_path / "sim"
+    args = ["simulate", "--clients", "3", "--rounds", "2", "--pipc", "10", "--out", str(out), "--lr", "0.05"]
+    args += ["--distill", "dm+dkkt", "--distill-every", "1", "--ipc", "2", "--iterations", "3"]
+    args += ["--distill-option", "batch_real=8", "--compare", "random,dsv", "--eval-runs", "1", "--eval-epochs", "5"]
+    assert main(args) == 0
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [h["round"] for h in history] == [0, 1, 2]
+    final_model = json.loads((out / "global-model" / "model.json").read_text())
+    for record in history[1:]:
+        artifact = out / "distilled" / f"round-{record['round']:04d}-dm+dkkt"
+        manifest = read_manifest(artifact)
+        assert manifest["round"] == record["round"] and manifest["method"] == "dm+dkkt"
+        assert manifest["global_model_accuracy"] == record["accuracy"]
+        assert manifest["real_images_seen"] == 100  # pipc 10 x 10 classes, never more
+        assert 0.0 <= record["distilled_accuracy"] <= 1.0
+        assert len(load_distilled_set(artifact)) == 20
+    assert manifest["global_model_sha256"] == final_model["sha256"]  # the last round used the final model
+    first = read_manifest(out / "distilled" / "round-0001-dm+dkkt")
+    assert first["global_model_sha256"] != final_model["sha256"]  # ... and round 1 the model of round 1
+    printed = capsys.readouterr().out
+    assert "global model (FedAvg, 2 rounds)" in printed and "dm+dkkt (server round)" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert [m["method"] for m in summary["methods"]] == ["random", "dsv", "dm+dkkt"]
+    assert read_manifest(out / "compare" / "dsv")["global_model_sha256"] == final_model["sha256"]

@@ -1,0 +1,134 @@
+"""Server distillation rounds: distill from the global model + public subset, save, evaluate.
+
+:func:`distill_and_evaluate` is the one entry point the federation hook, ``simulate --distill``
+(its comparison table) and benchmarks share. It builds the task on the server's public subset
+(the same pipc images per class, drawn with the same seed, that the partitioner kept away from
+every client), passes the global model to methods that take one, bounds the work by an
+iteration budget and a time limit, writes a versioned artifact whose manifest names the round and
+the global model's hash, and evaluates it with the quick protocol.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.artifacts import save_distilled_set, update_manifest
+from common.datasets import Dataset
+from common.evaluation import EvalConfig, evaluate_set
+from server.registry import distill, get_method, make_task
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What a server distillation round runs (from the run config or the CLI)."""
+
+    method: str
+    ipc: str = "10"
+    pipc: str = "50"
+    iterations: int = 200  # for methods with an iteration budget
+    time_limit: float = 600.0  # seconds of optimisation before the method stops early (0: none)
+    options: dict[str, Any] = field(default_factory=dict)
+    eval_runs: int = 2
+    eval_epochs: int = 300
+    eval_workers: int = 0  # 0: one per CPU core
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = False
+
+
+def method_options(plan: RoundPlan, global_model: Path | None) -> dict[str, Any]:
+    """The plan's budget and global model, for the options the method actually has."""
+    known = {f.name for f in dataclasses.fields(get_method(plan.method).config_cls)}
+    options = {}
+    if "iterations" in known:
+        options["iterations"] = plan.iterations
+    if "dsv_iterations" in known:
+        options["dsv_iterations"] = plan.iterations
+    if "time_limit" in known:
+        options["time_limit"] = plan.time_limit
+    if "global_model" in known and global_model is not None:
+        options["global_model"] = str(global_model)
+    return {**options, **{k: v for k, v in plan.options.items() if k in known}}
+
+
+def distill_and_evaluate(
+    data: Dataset,
+    plan: RoundPlan,
+    out: Path,
+    global_model: Path | None = None,
+    labels: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Distill with ``plan.method``, write the artifact to ``out``, evaluate it; returns its metrics."""
+    from common.runtime import resolve_device
+
+    device = resolve_device(plan.device)
+    task = make_task(
+        data,
+        plan.ipc,
+        plan.pipc,
+        seed=plan.seed,
+        device=device,
+        dataset_spec=data.info.name,
+        progress=plan.progress,
+        workdir=out.with_name(out.name + ".work"),
+    )
+    started = time.perf_counter()
+    dset = distill(plan.method, task, method_options(plan, global_model))
+    seconds = time.perf_counter() - started
+    model_meta = _model_meta(global_model)
+    dset.manifest.update(
+        {
+            **(labels or {}),
+            "distill_seconds": round(seconds, 2),
+            "global_model": str(global_model) if global_model else None,
+            "global_model_sha256": model_meta.get("sha256"),
+        }
+    )
+    save_distilled_set(out, dset, overwrite=True)
+    result = evaluate_set(
+        dset.images,
+        dset.labels,
+        data.test,
+        data.info,
+        runs=plan.eval_runs,
+        config=EvalConfig(epochs=plan.eval_epochs),
+        seed=plan.seed,
+        device=device,
+        workers=plan.eval_workers or None,
+        progress=plan.progress,
+    )
+    update_manifest(out, evaluation={f"convnet3@{plan.eval_epochs}ep": result.to_dict()})
+    if task.workdir is not None and task.workdir.exists():
+        shutil.rmtree(task.workdir)
+    return {
+        "method": plan.method,
+        "ipc": plan.ipc,
+        "pipc": plan.pipc,
+        "artifact": str(out),
+        "accuracy": result.mean,
+        "accuracy_std": result.std,
+        "accuracies": result.accuracies,
+        "distill_seconds": round(seconds, 2),
+        "eval_seconds": round(result.seconds, 2),
+        "stopped_early": dset.manifest.get("stopped_early"),
+        "global_model_sha256": model_meta.get("sha256"),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _model_meta(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    try:
+        return json.loads((Path(path) / "model.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}

@@ -1,0 +1,126 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common.errors import ConfigError
+from common.modelio import save_model
+from common.models import build_model
+from server.dkkt import DKKTLoss, DKKTOptions, select_parameters, stationarity_loss
+from server.registry import distill, make_task
+
+
+@pytest.fixture(scope="session")
+def digits_model(tmp_path_factory):
+    """A ConvNet-3 trained on digits by the ``train`` command (records its weight decay)."""
+    from common.cli import main
+
+    out = tmp_path_factory.mktemp("models") / "digits-convnet3"
+    assert main(["train", "--dataset", "digits", "--epochs", "3", "--device", "cpu", "--out", str(out)]) == 0
+    return out
+
+
+def brute_force_stationarity(model, params, x, y, lam):
+    """sum_i lam_i grad CE_i from one backward per sample, then mean |theta + sum|."""
+    total = [torch.zeros_like(p) for p in params]
+    for i in range(len(x)):
+        ce = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+        grads = torch.autograd.grad(ce, params)
+        total = [t + lam[i] * g for t, g in zip(total, grads)]
+    entries = sum((p.detach() + t).abs().sum() for p, t in zip(params, total))
+    return entries / sum(p.numel() for p in params)
+
+
+@pytest.mark.parametrize("which", ["all", "last"])
+def test_stationarity_term_equals_the_per_sample_computation(which):
+    torch.manual_seed(0)
+    model = build_model("convnet3", 1, 10, 8, width=8).eval()
+    params = [p for _, p in select_parameters(model, which)]
+    x, y, lam = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 3, 3, 9]), torch.rand(6) * 3
+    fast, _, _ = stationarity_loss(model, params, x, y, lam)
+    slow = brute_force_stationarity(model, params, x, y, lam)
+    assert torch.allclose(fast, slow, rtol=1e-5, atol=1e-7)
+    assert float(fast.detach()) > 0
+
+
+def test_stationarity_gradient_reaches_images_and_multipliers():
+    torch.manual_seed(0)
+    model = build_model("convnet3", 1, 10, 8, width=8).eval()
+    params = list(model.parameters())
+    x = torch.randn(4, 1, 8, 8, requires_grad=True)
+    lam = torch.ones(4, requires_grad=True)
+    loss, _, _ = stationarity_loss(model, params, x, torch.arange(4), lam)
+    loss.backward(inputs=[x, lam])
+    assert x.grad.abs().sum() > 0 and lam.grad.abs().sum() > 0
+    assert all(p.grad is None for p in params)  # the global model is never touched
+
+
+def test_multipliers_stay_non_negative(digits, digits_model):
+    task = make_task(digits, 2, pipc=10, seed=0, progress=False)
+    labels = torch.arange(10).repeat_interleave(2)
+    term = DKKTLoss(task, DKKTOptions(global_model=str(digits_model), lambda_lr=50.0, kkt_aug_weight=0), labels)
+    assert term.lambda0 == pytest.approx(1 / (20 * 5e-4))  # the weight-decay rule, 1 / (M wd)
+    syn = task.real.images[:20].clone().requires_grad_(True)
+    for t in range(3):
+        term.backward(syn, t)
+        term.after_step()
+        assert float(term.lam.min()) >= 0
+    assert bool((term.lam == 0).any())  # steps this large would have gone negative without the clamp
+
+
+def test_dm_dkkt_with_zero_weight_is_exactly_dm(digits, digits_model):
+    task = make_task(digits, 2, pipc=10, seed=4, progress=False)
+    options = dict(iterations=6, batch_real=8)
+    dm = distill("dm", task, options)
+    combined = distill("dm+dkkt", task, {**options, "w_kkt": 0.0, "global_model": str(digits_model)})
+    assert torch.equal(dm.images, combined.images)
+    assert dm.manifest["loss_curve"] == combined.manifest["loss_curve"]
+
+
+def test_dm_dkkt_changes_the_images_and_records_the_global_model(digits, digits_model):
+    task = make_task(digits, 2, pipc=10, seed=4, progress=False)
+    options = dict(iterations=4, batch_real=8, global_model=str(digits_model))
+    dm = distill("dm+dkkt", task, {**options, "w_kkt": 0.0})
+    combined = distill("dm+dkkt", task, {**options, "w_kkt": 100.0})
+    assert not torch.equal(dm.images, combined.images)
+    meta = json.loads((digits_model / "model.json").read_text())
+    assert combined.manifest["global_model_sha256"] == meta["sha256"]
+    assert set(combined.manifest["loss_terms"]) == {"dm", "dkkt"}
+    assert combined.manifest["real_images_seen"] == 100 and combined.manifest["real_images_used_this_run"] <= 100
+
+
+def test_dsv_lowers_the_kkt_loss(digits, digits_model):
+    task = make_task(digits, 2, pipc=10, seed=1, progress=False)
+    out = distill("dsv", task, {"iterations": 30, "lr_img": 0.05, "log_every": 5, "global_model": str(digits_model)})
+    curve = [loss for _, loss in out.manifest["loss_curve"]]
+    assert curve[-1] < curve[0]
+    assert out.manifest["lambda_min"] >= 0 and out.images.shape == (20, 1, 8, 8)
+
+
+def test_dsv_dm_avg_is_the_mean_of_both_runs(digits, digits_model):
+    task = make_task(digits, 1, pipc=5, seed=2, progress=False)
+    model = str(digits_model)
+    avg = distill("dsv-dm-avg", task, {"iterations": 3, "dsv_iterations": 3, "global_model": model})
+    dm = distill("dm", task, {"iterations": 3})
+    dsv = distill("dsv", task, {"iterations": 3, "global_model": model})
+    assert torch.allclose(avg.images, (dm.images + dsv.images) / 2)
+
+
+def test_dkkt_methods_refuse_a_missing_or_mismatched_model(digits, tmp_path):
+    task = make_task(digits, 1, pipc=5, progress=False)
+    with pytest.raises(ConfigError, match="--global-model"):
+        distill("dsv", task, {"iterations": 1})
+    other = build_model("convnet3", 3, 10, 8)
+    save_model(tmp_path / "rgb", other, _info(digits, channels=3), {})  # no weight decay recorded either
+    with pytest.raises(ConfigError, match="expects"):
+        distill("dsv", task, {"iterations": 1, "global_model": str(tmp_path / "rgb")})
+    save_model(tmp_path / "nowd", build_model("convnet3", 1, 10, 8), digits.info, {})
+    with pytest.raises(ConfigError, match="--lambda-init"):
+        distill("dsv", task, {"iterations": 1, "global_model": str(tmp_path / "nowd")})
+
+
+def _info(data, **changes):
+    from dataclasses import replace
+
+    return replace(data.info, **changes)
