@@ -25,3 +25,31 @@ def save_grid(images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, pat
     if scale > 1:
         grid = torch.nn.functional.interpolate(grid, scale_factor=scale, mode="nearest")
     save_image(grid, str(path), nrow=width, padding=2, pad_value=1.0)
+
+
+def mean_log_spectrum(images: torch.Tensor) -> torch.Tensor:
+    """Mean log-magnitude of the centred 2-D Fourier transform, averaged over images and channels."""
+    spectrum = torch.fft.fftshift(torch.fft.fft2(images.detach().cpu().float()), dim=(-2, -1)).abs()
+    return torch.log1p(spectrum).mean(dim=(0, 1))
+
+
+def save_spectra(sets: dict[str, torch.Tensor], path: str | Path) -> None:
+    """One panel per named image set: its mean FFT magnitude (the DSV-vs-DM frequency view)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(sets), figsize=(2.6 * len(sets), 2.8), squeeze=False)
+    spectra = {name: mean_log_spectrum(images) for name, images in sets.items()}
+    top = max(float(s.max()) for s in spectra.values())
+    for ax, (name, spectrum) in zip(axes[0], spectra.items()):
+        ax.imshow(spectrum.numpy(), cmap="magma", vmin=0, vmax=top)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle("mean log |FFT| (centre = low frequencies)", fontsize=9)
+    fig.tight_layout()
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)

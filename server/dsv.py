@@ -45,7 +45,7 @@ class DSVConfig(DKKTOptions):
 
 @dataclass(frozen=True)
 class DMDKKTConfig(DMConfig, DKKTOptions):
-    w_kkt: float = 100.0  # weight of L_DKKT against L_DM (0: plain DM)
+    w_kkt: float = 1.0  # weight of L_DKKT against L_DM (0: plain DM)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -187,9 +187,11 @@ def simulate_main(args: argparse.Namespace) -> int:
 
 def compare_methods(config, history: list[dict], methods: list[str]) -> str:
     """Distill with each method once from the final global model; the summary table (markdown)."""
+    from common.artifacts import load_distilled_set
     from common.datasets import load_dataset
     from common.fileio import atomic_write_bytes, atomic_write_json
     from common.report import format_accuracy
+    from common.visualize import save_spectra
     from server.federation import GLOBAL_MODEL_DIR
     from server.rounds import distill_and_evaluate
 
@@ -233,6 +235,9 @@ def compare_methods(config, history: list[dict], methods: list[str]) -> str:
         f"{config.dataset}: {final['round']} rounds, pipc {plan.pipc}, {plan.iterations} iterations per method, "
         f"evaluation {plan.eval_runs} x ConvNet-3 {plan.eval_epochs} epochs\n\n{table}\n"
     )
+    spectra = {r["method"]: load_distilled_set(r["artifact"]).images for r in results if r["method"] != "random"}
+    if spectra:
+        save_spectra(spectra, out / "spectra.png")
     atomic_write_json(out / "summary.json", {"global_model": final, "methods": results})
     atomic_write_bytes(out / "summary.md", text.encode())
     return text

@@ -124,3 +124,11 @@ def _info(data, **changes):
     from dataclasses import replace
 
     return replace(data.info, **changes)
+
+
+def test_spectrum_of_a_constant_image_is_all_low_frequency():
+    from common.visualize import mean_log_spectrum
+
+    spectrum = mean_log_spectrum(torch.ones(3, 1, 8, 8))
+    assert spectrum.shape == (8, 8) and float(spectrum[4, 4]) > 0
+    assert float(spectrum.sum() - spectrum[4, 4]) == pytest.approx(0.0, abs=1e-5)

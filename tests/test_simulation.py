@@ -71,3 +71,4 @@ def test_server_distillation_rounds_inside_a_simulation_and_the_summary_table(tm
     summary = json.loads((out / "summary.json").read_text())
     assert [m["method"] for m in summary["methods"]] == ["random", "dsv", "dm+dkkt"]
     assert read_manifest(out / "compare" / "dsv")["global_model_sha256"] == final_model["sha256"]
+    assert (out / "spectra.png").stat().st_size > 1000
