@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("common.commands", "train a model centrally (a global model for the DKKT methods)"),
     "simulate": ("simulations.simulate", "run a simulated edge fleet (Flower + Ray): FedAvg + server rounds"),
     "datasets": ("common.commands", "list datasets and whether their files are available locally"),
+    "certs": ("edge_client.certs", "create a TEST CA, SuperLink TLS certificate and SuperNode auth keys"),
 }
 
 

@@ -1,6 +1,6 @@
 """What an edge device does, without Flower: find its private data, train, evaluate.
 
-Private data comes from ``node_config``: ``data-dir=/path`` on a real device (an ``.npz`` file in
+Private data comes from ``node_config``: ``data-dir="/path"`` on a real device (an ``.npz`` file in
 the layout of ``npz:PATH``, or an image folder with ``train/`` and ``val/``), or, in simulation,
 ``partition-id`` / ``num-partitions`` of a registry dataset (public subset carved out first).
 """
@@ -106,7 +106,7 @@ def node_data(node_config: dict, task: ClientTaskConfig) -> NodeData:
             data.train.subset(torch.as_tensor(train_idx)), data.train.subset(torch.as_tensor(hold_idx)), data
         )
     raise ConfigError(
-        'the node has no private data: pass --node-config "data-dir=/path/to/data" '
+        "the node has no private data: pass --node-config 'data-dir=\"/path/to/data.npz\"' "
         "(or partition-id=I num-partitions=N in simulation)"
     )
 

@@ -38,7 +38,7 @@ class DKKTOptions:
     global_model: str = ""  # directory of a trained model (a federation's OUT/global-model)
     kkt_params: str = "all"  # all | last (classifier) | comma-separated parameter-name prefixes
     lambda_init: float = 0.0  # 0: the weight-decay rule 1/(M * wd) with the model's recorded wd
-    lambda_lr: float = 0.01  # Adam step for the multipliers, relative to their initial value
+    lambda_lr: float = 0.001  # Adam step for the multipliers, relative to their initial value (0: fixed)
     beta_primal: float = 2e-3
     beta_tv: float = 0.0
     beta_norm: float = 0.0

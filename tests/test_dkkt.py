@@ -132,3 +132,30 @@ def test_spectrum_of_a_constant_image_is_all_low_frequency():
     spectrum = mean_log_spectrum(torch.ones(3, 1, 8, 8))
     assert spectrum.shape == (8, 8) and float(spectrum[4, 4]) > 0
     assert float(spectrum.sum() - spectrum[4, 4]) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_dm_dkkt_resumes_exactly_including_the_multipliers(digits, digits_model, tmp_path):
+    from server.dsv import DMDKKTConfig, run_dm_dkkt
+
+    config = dict(iterations=8, checkpoint_every=3, batch_real=8, log_every=2, global_model=str(digits_model))
+    full = run_dm_dkkt(make_task(digits, 1, pipc=10, seed=5, progress=False), DMDKKTConfig(**config))
+    task = make_task(digits, 1, pipc=10, seed=5, progress=False, workdir=tmp_path)
+
+    def crash(t, loss):
+        if t == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_dm_dkkt(task, DMDKKTConfig(**config), on_iteration=crash)
+    resumed = run_dm_dkkt(task, DMDKKTConfig(**config, resume=True))
+    assert resumed.extra["resumed_from"] == 3
+    assert torch.equal(resumed.images, full.images)
+    assert resumed.extra["lambda_mean"] == full.extra["lambda_mean"]
+    assert resumed.extra["loss_terms"] == full.extra["loss_terms"]
+
+
+def test_a_time_limit_stops_the_run_early_with_a_note(digits, digits_model):
+    task = make_task(digits, 1, pipc=10, seed=0, progress=False)
+    out = distill("dsv", task, {"iterations": 10_000, "time_limit": 0.2, "global_model": str(digits_model)})
+    assert out.manifest["iterations"] < 10_000 and "time limit" in out.manifest["stopped_early"]
+    assert out.counts() == task.counts

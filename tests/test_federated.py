@@ -155,3 +155,16 @@ def test_run_config_is_typed_and_refuses_unknown_keys():
         FederationConfig.from_run_config({"rounds": 3})
     with pytest.raises(ConfigError, match="fedavg or fedprox"):
         FederationConfig(strategy="krum")
+
+
+def test_the_flower_app_config_in_pyproject_is_a_valid_federation_config():
+    from pathlib import Path
+
+    from server.federation import FederationConfig
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    config = FederationConfig.from_run_config(pyproject["tool"]["flwr"]["app"]["config"])
+    assert config.dataset == "digits" and config.weight_decay == 5e-4 and config.distill_method == ""
+    assert pyproject["tool"]["flwr"]["app"]["components"]["serverapp"] == "server.server_app:app"

@@ -1,0 +1,237 @@
+"""A real deployment on 127.0.0.1: SuperLink with TLS + node authentication, two SuperNodes, ``flwr run``.
+
+Every Flower process runs in its own session (process group) with its own FLWR_HOME under
+``tmp_path``, offline settings, and is stopped (SIGTERM, then SIGKILL) when the test ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from common.cli import main
+from simulations.simulate import FLOWER_ENV
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TOOLS = ("flwr", "flower-superlink", "flower-supernode")
+
+
+def _free_ports(count: int) -> list[int]:
+    """Distinct free TCP ports on 127.0.0.1 (all held open while choosing, so they differ)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{proc.args[0]} exited with {proc.returncode}:\n{_tail(log)}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    pytest.fail(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s:\n{_tail(log)}")
+
+
+def _tail(log: Path, chars: int = 3000) -> str:
+    return log.read_text(errors="replace")[-chars:] if log.exists() else "(no log)"
+
+
+class Flower:
+    """Starts Flower commands with offline settings and a private FLWR_HOME each; stops them all."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.procs: list[subprocess.Popen] = []
+
+    def env(self, name: str) -> dict[str, str]:
+        home = self.root / "homes" / name
+        home.mkdir(parents=True, exist_ok=True)
+        path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+        return {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home), "PATH": path}
+
+    def start(self, name: str, *args: str) -> tuple[subprocess.Popen, Path]:
+        log = self.root / f"{name}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [str(BIN / args[0]), *args[1:]],
+                cwd=self.root,
+                env=self.env(name),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.procs.append(proc)
+        return proc, log
+
+    def run(self, name: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / args[0]), *args[1:]],
+            cwd=self.root,
+            env=self.env(name),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def stop_all(self) -> None:
+        """SIGTERM to every process group, 15 s grace, then SIGKILL to the groups and to any straggler.
+
+        Stragglers are descendants in sessions of their own (the SuperLink starts its SuperExec so).
+        """
+        tree = [child for proc in self.procs for child in _descendants(proc.pid)]
+        for proc in self.procs:
+            _signal_group(proc.pid, signal.SIGTERM)
+        for pid, started in tree:
+            _signal_pid(pid, started, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        for proc in self.procs:
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        for pid, started in tree:
+            _signal_pid(pid, started, signal.SIGKILL)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the group is gone: nothing left to stop
+        os.killpg(pgid, sig)
+
+
+def _signal_pid(pid: int, started: str, sig: int) -> None:
+    if _start_time(pid) == started:  # still the same process, not a reused pid
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _descendants(root: int) -> list[tuple[int, str]]:
+    """(pid, start time) of the live descendants of ``root`` (from /proc; none where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            ppid = int(stat_file.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(stat_file.parent.name))
+    found, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        if (started := _start_time(pid)) is not None:
+            found.append((pid, started))
+        todo += children.get(pid, [])
+    return found
+
+
+def test_certs_command_writes_keys_privately_and_never_overwrites(tmp_path, capsys):
+    out = tmp_path / "certs"
+    assert main(["certs", "--out", str(out), "--nodes", "1", "--host", "edge.example", "--host", "10.0.0.5"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["ca.crt", "ca.key", "node-1", "node-1.pub", "server.crt", "server.key"]
+    for name in ("ca.key", "server.key", "node-1"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o600
+    assert (out / "node-1.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate((out / "server.crt").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["edge.example"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+    before = (out / "ca.key").read_bytes()
+    assert main(["certs", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err and (out / "ca.key").read_bytes() == before
+    assert main(["certs", "--out", str(out), "--overwrite", "--nodes", "0"]) == 0
+    assert not (out / "node-1").exists() and (out / "ca.key").read_bytes() != before
+
+
+def _write_cli_connection(home: Path, name: str, address: str, ca: Path) -> None:
+    """The flwr CLI's SuperLink connection ``name`` (``$FLWR_HOME/config.toml``)."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\nroot-certificates = "{ca}"\n'
+    )
+
+
+def _start_superlink(flower: Flower, certs: Path, port: int) -> tuple[subprocess.Popen, Path]:
+    link, log = flower.start(
+        "superlink",
+        "flower-superlink",
+        *("--ssl-ca-certfile", str(certs / "ca.crt")),
+        *("--ssl-certfile", str(certs / "server.crt")),
+        *("--ssl-keyfile", str(certs / "server.key")),
+        "--enable-supernode-auth",
+        *("--port", str(port)),
+    )
+    _wait_for_port(port, link, log)
+    return link, log
+
+
+def _start_supernode(flower: Flower, name: str, link: str, certs: Path, key: str, port: int, partition: int):
+    return flower.start(
+        name,
+        "flower-supernode",
+        *("--superlink", link),
+        *("--root-certificates", str(certs / "ca.crt")),
+        *("--auth-supernode-private-key", str(certs / key)),
+        *("--port", str(port)),  # the node's own Runtime API; two nodes on one machine need two ports
+        *("--node-config", f"partition-id={partition} num-partitions=2"),
+    )
+
+
+@pytest.mark.e2e
+def test_tls_node_auth_deployment_runs_two_rounds_and_refuses_an_unregistered_node(tmp_path):
+    if missing := [t for t in TOOLS if not (BIN / t).exists()]:
+        pytest.skip(f"Flower tools not installed next to {sys.executable}: {', '.join(missing)}")
+    certs, out = tmp_path / "certs", tmp_path / "out"
+    assert main(["certs", "--out", str(certs), "--nodes", "3"]) == 0
+    link_port, *node_ports = _free_ports(4)
+    address = f"127.0.0.1:{link_port}"
+    flower = Flower(tmp_path)
+    _write_cli_connection(tmp_path / "homes" / "cli", "edge", address, certs / "ca.crt")
+    try:
+        _, link_log = _start_superlink(flower, certs, link_port)
+        for key in ("node-1.pub", "node-2.pub"):
+            reg = flower.run("cli", "flwr", "supernode", "register", str(certs / key), "edge", timeout=60)
+            assert reg.returncode == 0 and "registered successfully" in reg.stdout, reg.stdout + reg.stderr
+        stranger, stranger_log = _start_supernode(flower, "unregistered", address, certs, "node-3", node_ports[2], 0)
+        for i in range(2):
+            _start_supernode(flower, f"supernode-{i}", address, certs, f"node-{i + 1}", node_ports[i], i)
+
+        config = f"num-rounds=2 min-available-nodes=2 out-dir='{out}' pipc='10'"
+        run = flower.run("cli", "flwr", "run", str(REPO), "edge", "--run-config", config, "--stream", timeout=420)
+        logs = f"{run.stdout[-3000:]}\n{run.stderr[-2000:]}\n{_tail(link_log)}"
+        assert run.returncode == 0 and (out / "metrics.json").exists(), logs
+        history = json.loads((out / "metrics.json").read_text())["history"]
+        assert [h["round"] for h in history] == [0, 1, 2]
+        assert all(h["clients_ok"] == 2 for h in history[1:])
+        assert history[-1]["accuracy"] > 0.3 > history[0]["accuracy"]  # chance is 0.1
+
+        # a node whose key was never registered is refused: Flower's exit code 305, process status 1
+        assert stranger.wait(timeout=60) == 1
+        assert "Exit Code: 305" in _tail(stranger_log, 20000)
+    finally:
+        flower.stop_all()
