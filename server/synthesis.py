@@ -123,7 +123,6 @@ def optimise_pixels(
         dynamic_ncols=True,
     )
     stopped_early, last = None, first
-    flushed = torch.set_flush_denormal(True)  # tiny double-backprop gradients must not hit slow denormal math
     for t in bar:
         if settings.time_limit and seconds >= settings.time_limit:
             stopped_early = f"time limit {settings.time_limit:g} s reached after {t} iterations"
@@ -152,8 +151,6 @@ def optimise_pixels(
         if on_iteration is not None:
             on_iteration(t, loss)
     bar.close()
-    if flushed:
-        torch.set_flush_denormal(False)
     if window:
         curve.append([last, sum(window) / len(window)])
         for name, vals in term_window.items():

@@ -159,3 +159,13 @@ def test_a_time_limit_stops_the_run_early_with_a_note(digits, digits_model):
     out = distill("dsv", task, {"iterations": 10_000, "time_limit": 0.2, "global_model": str(digits_model)})
     assert out.manifest["iterations"] < 10_000 and "time limit" in out.manifest["stopped_early"]
     assert out.counts() == task.counts
+
+
+def test_dsv_from_noise_reads_no_real_image(digits, digits_model):
+    from common.datasets import Split
+
+    task = make_task(digits, 1, pipc=5, seed=0, progress=False)
+    poisoned = Split(torch.full_like(task.real.images, float("nan")), task.real.labels)
+    task.real = poisoned  # any read of a real image would turn the result into NaN
+    out = distill("dsv", task, {"iterations": 3, "init": "noise", "global_model": str(digits_model)})
+    assert torch.isfinite(out.images).all()
