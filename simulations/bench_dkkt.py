@@ -12,7 +12,8 @@ Three phases, each resumable (finished cells are kept in ``--out`` and skipped o
    the public subset is split into images the method may see and ``--val-per-class`` held-out
    validation images; every ``w_kkt`` x ``lambda`` scale is distilled and scored on them.
 3. **table**: random / herding / dm / dsv / dm+dkkt / dsv-dm-avg for every ipc x pipc, with
-   dm+dkkt at the w_kkt and lambda scale the validation chose, tested on the real test split.
+   dm+dkkt at the w_kkt and lambda scale the validation chose (``dm+dkkt@1``: w_kkt fixed at 1,
+   for reference), tested on the real test split.
 
 Writes ``sweep.json``, ``results.json`` and ``table.md`` into ``--out``.
 """
@@ -35,7 +36,7 @@ from common.runtime import derive_seed, make_generator, peak_memory_mib, resolve
 from server.registry import distill, make_task
 from server.rounds import RoundPlan, method_options
 
-METHODS = "random,herding,dm,dsv,dm+dkkt,dsv-dm-avg"
+METHODS = "random,herding,dm,dsv,dm+dkkt,dm+dkkt@1,dsv-dm-avg"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -70,6 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/bench-dkkt")
     p.add_argument("--stop-after", choices=["federation", "sweep"], default=None, help="run only the first phase(s)")
+    p.add_argument("--report", action="store_true", help="only print the tables of the cells finished so far")
     return p.parse_args(argv)
 
 
@@ -178,6 +180,9 @@ def main(argv=None) -> int:
         typed = {k: coerce_option(method, k, v) for k, v in extra.items() if _has(method, k)}
         return {**method_options(replace(base, method=method), global_model), **typed, **more}
 
+    if args.report:
+        return report(args, Cells(out / "sweep.json"), Cells(out / "cells.json"), model_meta, config, device)
+
     # phase 2: sweep on validation images carved from the public subset, per ipc
     sweep = Cells(out / "sweep.json")
     args.runs_now = args.sweep_runs
@@ -198,8 +203,7 @@ def main(argv=None) -> int:
                 print(
                     f"sweep ipc {ipc} w_kkt {w:g} lambda x{scale:g}: val {format_accuracy(cell['mean'], cell['std'])}"
                 )
-        cands = [c for c in sweep.done if c["ipc"] == ipc]
-        best[ipc] = max(cands, key=lambda c: (round(c["mean"], 6), -c["w_kkt"]))
+        best[ipc] = choose(sweep)[ipc]
         print(f"validation chose for ipc {ipc}: w_kkt {best[ipc]['w_kkt']:g}, lambda x{best[ipc]['lambda_scale']:g}")
     if args.stop_after == "sweep":
         return 0
@@ -217,34 +221,61 @@ def main(argv=None) -> int:
                 key = {"method": method, "ipc": ipc, "pipc": pipc}
                 if cells.get(key) is not None:
                     continue
+                base, _, fixed_w = method.partition("@")  # dm+dkkt@1: w_kkt fixed at 1, not chosen
                 more = {}
-                if method == "dm+dkkt":
+                if base == "dm+dkkt":
                     chosen = best[min(best, key=lambda i: abs(i - ipc))]
                     more = {
-                        "w_kkt": chosen["w_kkt"],
-                        "lambda_init": chosen["lambda_scale"] / (m_images * model_meta["weight_decay"]),
+                        "w_kkt": float(fixed_w) if fixed_w else chosen["w_kkt"],
+                        "lambda_init": (1.0 if fixed_w else chosen["lambda_scale"])
+                        / (m_images * model_meta["weight_decay"]),
                     }
-                cell = {
-                    **key,
-                    **run_cell(data, task, method, options_for(method, **more), data.test, args, config, device),
-                }
+                same_as_dm = cells.get({"method": "dm", "ipc": ipc, "pipc": pipc})
+                if base == "dm+dkkt" and more["w_kkt"] == 0 and same_as_dm is not None:
+                    # w_kkt 0 is exactly dm (tested): reuse its cell instead of recomputing it
+                    cell = {**same_as_dm, **key, "note": "w_kkt 0 chosen: identical to dm"}
+                else:
+                    cell = {
+                        **key,
+                        **run_cell(data, task, base, options_for(base, **more), data.test, args, config, device),
+                    }
                 cells.add(cell)
                 print(
                     f"pipc {pipc:>3} ipc {ipc:>3} {method:>10}: {format_accuracy(cell['mean'], cell['std'])}",
                     flush=True,
                 )
 
+    return report(args, sweep, cells, model_meta, config, device)
+
+
+def choose(sweep: Cells) -> dict[int, dict]:
+    """Per swept ipc, the validation-best cell (ties go to the smaller w_kkt)."""
+    best: dict[int, dict] = {}
+    for cell in sweep.done:
+        current = best.get(cell["ipc"])
+        if current is None or (round(cell["mean"], 6), -cell["w_kkt"]) > (round(current["mean"], 6), -current["w_kkt"]):
+            best[cell["ipc"]] = cell
+    return best
+
+
+def report(args, sweep: Cells, cells: Cells, model_meta: dict, config, device) -> int:
+    """Print and write the method table and the sweep (cells not finished yet show as 'not run')."""
+    out = Path(args.out)
+    methods = [m for m in args.methods.split(",") if m]
+    ipcs, pipcs = [int(i) for i in args.ipcs.split(",")], [int(p) for p in args.pipcs.split(",")]
     by_key = {(c["method"], c["pipc"], c["ipc"]): c for c in cells.done}
-    rows = [
-        [m, p] + [format_accuracy(by_key[m, p, i]["mean"], by_key[m, p, i]["std"]) for i in ipcs]
-        for p in pipcs
-        for m in methods
-    ]
+
+    def cell_text(m: str, p: int, i: int) -> str:
+        cell = by_key.get((m, p, i))
+        return format_accuracy(cell["mean"], cell["std"]) if cell else "not run"
+
+    rows = [[m, p] + [cell_text(m, p, i) for i in ipcs] for p in pipcs for m in methods]
     sweep_rows = [
         [c["ipc"], f"{c['w_kkt']:g}", f"x{c['lambda_scale']:g}", format_accuracy(c["mean"], c["std"])]
         + [c["seconds_per_iteration"]]
         for c in sweep.done
     ]
+    best = choose(sweep)
     chosen_text = ", ".join(f"ipc {i}: w_kkt {b['w_kkt']:g}, lambda x{b['lambda_scale']:g}" for i, b in best.items())
     accuracy = model_meta.get("accuracy", model_meta.get("test_accuracy", float("nan")))
     source = (
@@ -255,7 +286,7 @@ def main(argv=None) -> int:
     header = (
         f"{args.dataset}; global model: {source}, test accuracy {100 * accuracy:.2f} %; "
         f"{args.iterations} iterations per method; ConvNet-3, {config.epochs}-epoch protocol, {args.runs} runs; "
-        f"device {device.type}; DKKT options {extra or 'defaults'}"
+        f"device {device.type}; DKKT options {args.set or 'defaults'}"
     )
     text = (
         f"{header}\n\n{markdown_table(['method', 'pipc'] + [f'ipc {i}' for i in ipcs], rows)}\n\n"
