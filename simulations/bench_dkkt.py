@@ -172,13 +172,13 @@ def main(argv=None) -> int:
     for item in args.set:
         key, value = item.split("=", 1)
         extra[key] = value
-    base = RoundPlan(method="dm+dkkt", iterations=args.iterations, time_limit=0.0, seed=args.seed)
+    budget = RoundPlan(method="dm+dkkt", iterations=args.iterations, time_limit=0.0, seed=args.seed)
 
     def options_for(method: str, **more) -> dict:
         from server.registry import coerce_option
 
         typed = {k: coerce_option(method, k, v) for k, v in extra.items() if _has(method, k)}
-        return {**method_options(replace(base, method=method), global_model), **typed, **more}
+        return {**method_options(replace(budget, method=method), global_model), **typed, **more}
 
     if args.report:
         return report(args, Cells(out / "sweep.json"), Cells(out / "cells.json"), model_meta, config, device)
@@ -221,9 +221,9 @@ def main(argv=None) -> int:
                 key = {"method": method, "ipc": ipc, "pipc": pipc}
                 if cells.get(key) is not None:
                     continue
-                base, _, fixed_w = method.partition("@")  # dm+dkkt@1: w_kkt fixed at 1, not chosen
+                base_method, _, fixed_w = method.partition("@")  # dm+dkkt@1: w_kkt fixed at 1, not chosen
                 more = {}
-                if base == "dm+dkkt":
+                if base_method == "dm+dkkt":
                     chosen = best[min(best, key=lambda i: abs(i - ipc))]
                     more = {
                         "w_kkt": float(fixed_w) if fixed_w else chosen["w_kkt"],
@@ -231,13 +231,15 @@ def main(argv=None) -> int:
                         / (m_images * model_meta["weight_decay"]),
                     }
                 same_as_dm = cells.get({"method": "dm", "ipc": ipc, "pipc": pipc})
-                if base == "dm+dkkt" and more["w_kkt"] == 0 and same_as_dm is not None:
+                if base_method == "dm+dkkt" and more["w_kkt"] == 0 and same_as_dm is not None:
                     # w_kkt 0 is exactly dm (tested): reuse its cell instead of recomputing it
                     cell = {**same_as_dm, **key, "note": "w_kkt 0 chosen: identical to dm"}
                 else:
                     cell = {
                         **key,
-                        **run_cell(data, task, base, options_for(base, **more), data.test, args, config, device),
+                        **run_cell(
+                            data, task, base_method, options_for(base_method, **more), data.test, args, config, device
+                        ),
                     }
                 cells.add(cell)
                 print(
