@@ -231,9 +231,12 @@ def main(argv=None) -> int:
                         / (m_images * model_meta["weight_decay"]),
                     }
                 same_as_dm = cells.get({"method": "dm", "ipc": ipc, "pipc": pipc})
+                chosen_cell = cells.get({"method": "dm+dkkt", "ipc": ipc, "pipc": pipc})
                 if base_method == "dm+dkkt" and more["w_kkt"] == 0 and same_as_dm is not None:
                     # w_kkt 0 is exactly dm (tested): reuse its cell instead of recomputing it
                     cell = {**same_as_dm, **key, "note": "w_kkt 0 chosen: identical to dm"}
+                elif fixed_w and chosen_cell is not None and chosen_cell.get("options") == more:
+                    cell = {**chosen_cell, **key, "note": "same options as the validation choice"}
                 else:
                     cell = {
                         **key,
@@ -241,7 +244,7 @@ def main(argv=None) -> int:
                             data, task, base_method, options_for(base_method, **more), data.test, args, config, device
                         ),
                     }
-                cells.add(cell)
+                cells.add({**cell, "options": cell.get("options", more)})
                 print(
                     f"pipc {pipc:>3} ipc {ipc:>3} {method:>10}: {format_accuracy(cell['mean'], cell['std'])}",
                     flush=True,
