@@ -80,6 +80,11 @@ def select_parameters(model: torch.nn.Module, which: str) -> list[tuple[str, tor
     return chosen
 
 
+def lambda_from_weight_decay(num_images: int, weight_decay: float) -> float:
+    """lambda of exact stationarity when ``num_images`` samples carry the whole mean loss: 1/(M wd)."""
+    return 1.0 / (num_images * weight_decay)
+
+
 def initial_lambda(options: DKKTOptions, num_images: int, weight_decay: float | None) -> float:
     if options.lambda_init > 0:
         return options.lambda_init
@@ -87,7 +92,7 @@ def initial_lambda(options: DKKTOptions, num_images: int, weight_decay: float | 
         raise ConfigError(
             "the global model records no weight decay, so lambda cannot start from 1/(M wd); pass --lambda-init"
         )
-    return 1.0 / (num_images * weight_decay)
+    return lambda_from_weight_decay(num_images, weight_decay)
 
 
 def stationarity_loss(

@@ -22,6 +22,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
+from common.config import from_text
 from common.datasets import load_dataset
 from common.errors import ConfigError
 from common.fileio import atomic_write_json
@@ -103,9 +104,10 @@ class FederationConfig(ClientTaskConfig):
             if name not in fields:
                 raise ConfigError(f"unknown run-config key {key!r}; known keys: {', '.join(sorted(fields))}")
             kind = type(fields[name].default)
-            if kind is bool and isinstance(value, str):
-                value = value.lower() in ("1", "true", "yes")
-            values[name] = kind(value)
+            try:
+                values[name] = from_text(kind, value)
+            except ValueError:
+                raise ConfigError(f"run-config key {key!r} needs a {kind.__name__}, got {value!r}") from None
         return cls(**values)
 
     def client_task(self) -> ClientTaskConfig:

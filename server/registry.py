@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from common.artifacts import DistilledSet
+from common.config import from_text
 from common.datasets import Dataset, DatasetInfo, Split
 from common.errors import ConfigError
 from common.registry import Registry
@@ -111,10 +112,8 @@ def coerce_option(name: str, option: str, value: Any) -> Any:
     kind = type(fields[option].default)
     if not isinstance(value, str) or kind is str:
         return value
-    if kind is bool:
-        return value.lower() in ("1", "true", "yes", "on")
     try:
-        return kind(value)
+        return from_text(kind, value)
     except ValueError:
         raise ConfigError(f"option {option!r} of {name!r} needs a {kind.__name__}, got {value!r}") from None
 

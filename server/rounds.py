@@ -23,7 +23,7 @@ import torch
 from common.artifacts import save_distilled_set, update_manifest
 from common.datasets import Dataset
 from common.evaluation import EvalConfig, evaluate_set
-from server.registry import distill, get_method, make_task
+from server.registry import coerce_option, distill, get_method, make_task
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def method_options(plan: RoundPlan, global_model: Path | None) -> dict[str, Any]
         options["time_limit"] = plan.time_limit
     if "global_model" in known and global_model is not None:
         options["global_model"] = str(global_model)
-    return {**options, **{k: v for k, v in plan.options.items() if k in known}}
+    return {**options, **{k: coerce_option(plan.method, k, v) for k, v in plan.options.items() if k in known}}
 
 
 def distill_and_evaluate(

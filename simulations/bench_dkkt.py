@@ -33,6 +33,7 @@ from common.evaluation import PRESETS, evaluate_set
 from common.fileio import atomic_write_bytes, atomic_write_json
 from common.report import format_accuracy, markdown_table
 from common.runtime import derive_seed, make_generator, peak_memory_mib, resolve_device
+from server.dkkt import lambda_from_weight_decay
 from server.registry import distill, make_task
 from server.rounds import RoundPlan, method_options
 
@@ -175,10 +176,7 @@ def main(argv=None) -> int:
     budget = RoundPlan(method="dm+dkkt", iterations=args.iterations, time_limit=0.0, seed=args.seed)
 
     def options_for(method: str, **more) -> dict:
-        from server.registry import coerce_option
-
-        typed = {k: coerce_option(method, k, v) for k, v in extra.items() if _has(method, k)}
-        return {**method_options(replace(budget, method=method), global_model), **typed, **more}
+        return {**method_options(replace(budget, method=method, options=extra), global_model), **more}
 
     if args.report:
         return report(args, Cells(out / "sweep.json"), Cells(out / "cells.json"), model_meta, config, device)
@@ -193,7 +191,7 @@ def main(argv=None) -> int:
     for ipc in [int(i) for i in args.sweep_ipcs.split(",")]:
         task = make_task(data, ipc, args.sweep_pipc, seed=args.seed, device=device, progress=False)
         trimmed, val = validation_split(task, args.val_per_class, args.seed)
-        lambda_rule = 1.0 / (sum(task.counts.values()) * model_meta["weight_decay"])
+        lambda_rule = lambda_from_weight_decay(sum(task.counts.values()), model_meta["weight_decay"])
         for w, scale in grid:
             key = {"ipc": ipc, "w_kkt": w, "lambda_scale": scale}
             if sweep.get(key) is None:
@@ -228,7 +226,7 @@ def main(argv=None) -> int:
                     more = {
                         "w_kkt": float(fixed_w) if fixed_w else chosen["w_kkt"],
                         "lambda_init": (1.0 if fixed_w else chosen["lambda_scale"])
-                        / (m_images * model_meta["weight_decay"]),
+                        * lambda_from_weight_decay(m_images, model_meta["weight_decay"]),
                     }
                 same_as_dm = cells.get({"method": "dm", "ipc": ipc, "pipc": pipc})
                 chosen_cell = cells.get({"method": "dm+dkkt", "ipc": ipc, "pipc": pipc})
@@ -306,14 +304,6 @@ def report(args, sweep: Cells, cells: Cells, model_meta: dict, config, device) -
     atomic_write_bytes(out / "table.md", text.encode())
     print(f"wrote {out / 'results.json'} and {out / 'table.md'}")
     return 0
-
-
-def _has(method: str, option: str) -> bool:
-    import dataclasses
-
-    from server.registry import get_method
-
-    return option in {f.name for f in dataclasses.fields(get_method(method).config_cls)}
 
 
 if __name__ == "__main__":
