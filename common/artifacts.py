@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class DistilledSet:
     info: DatasetInfo
     method: str
     manifest: dict = field(default_factory=dict)  # method config, seeds, pipc, metrics, ...
+    attachments: dict[str, Callable[[Path], None]] = field(default_factory=dict)  # name -> writer(path)
 
     def counts(self) -> dict[int, int]:
         return {c: int((self.labels == c).sum()) for c in range(self.info.num_classes)}
@@ -64,6 +66,11 @@ def save_distilled_set(path: str | Path, dset: DistilledSet, overwrite: bool = F
     from safetensors.torch import save_file
 
     validate_tensors(dset.images, dset.labels, dset.info)
+    clashes = [
+        n for n in dset.attachments if n in (TENSORS_FILE, MANIFEST_FILE, GRID_FILE) or "/" in n or n[:1] in ".~"
+    ]
+    if clashes:
+        raise ValueError(f"attachment names {clashes} clash with the artifact's own files or are not plain names")
     manifest = {
         **dset.manifest,
         "format": FORMAT,
@@ -81,6 +88,8 @@ def save_distilled_set(path: str | Path, dset: DistilledSet, overwrite: bool = F
         save_file(tensors, str(tmp / TENSORS_FILE))
         manifest["tensors_sha256"] = file_sha256(tmp / TENSORS_FILE)
         save_grid(dset.images, dset.labels, dset.info, tmp / GRID_FILE)
+        for name, write in dset.attachments.items():
+            write(tmp / name)
         atomic_write_json(tmp / MANIFEST_FILE, manifest)
 
     atomic_write_dir(Path(path), fill, overwrite=overwrite)

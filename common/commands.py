@@ -18,10 +18,12 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--download", action="store_true", help="let torchvision download missing files")
 
 
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+def add_eval_arguments(
+    parser: argparse.ArgumentParser, quick_help: str = "300 epochs instead of the paper's 1000"
+) -> None:
     parser.add_argument("--models", default="convnet3", help="comma-separated architectures (default convnet3)")
     parser.add_argument("--runs", type=int, default=5, help="fresh networks per architecture (default 5)")
-    parser.add_argument("--quick", action="store_true", help="300 epochs instead of the paper's 1000")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--epochs", type=int, default=None, help="override the number of epochs")
     parser.add_argument("--no-eval-dsa", action="store_true", help="train evaluation networks without DSA")
     parser.add_argument(

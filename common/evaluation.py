@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 
@@ -77,6 +78,43 @@ class EvalResult:
         return f"{self.arch}: {100 * self.mean:.2f} +- {100 * self.std:.2f} % ({len(self.accuracies)} runs)"
 
 
+def make_optimizer(model: torch.nn.Module, config: EvalConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def set_epoch_lr(optimizer: torch.optim.Optimizer, config: EvalConfig, epoch: int) -> None:
+    """The protocol's step schedule: lr x 0.1 from ``lr_decay_at`` of the epochs on."""
+    decay_epoch = int(config.epochs * config.lr_decay_at)
+    for group in optimizer.param_groups:
+        group["lr"] = config.lr * (0.1 if 0 < decay_epoch <= epoch else 1.0)
+
+
+def train_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: EvalConfig,
+    dsa: DSA | None,
+    generator: torch.Generator,
+) -> float:
+    """One pass over ``(images, labels)`` (already on the model's device); returns the last loss."""
+    n = images.shape[0]
+    batch = min(config.batch_size, n)
+    order = torch.randperm(n, generator=generator).to(images.device)
+    loss = torch.zeros(())
+    for start in range(0, n, batch):
+        idx = order[start : start + batch]
+        x = images[idx]
+        if dsa is not None:
+            x = dsa(x, generator)
+        loss = F.cross_entropy(model(x), labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return loss.item()
+
+
 def train_network(
     model: torch.nn.Module,
     images: torch.Tensor,
@@ -89,30 +127,14 @@ def train_network(
     """Train ``model`` in place on a (small) labelled tensor set with the protocol's schedule."""
     model.to(device).train()
     images, labels = images.to(device), labels.to(device)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
-    decay_epoch = int(config.epochs * config.lr_decay_at)
+    optimizer = make_optimizer(model, config)
     dsa = DSA(config.dsa_strategy) if config.dsa else None
-    n = images.shape[0]
-    batch = min(config.batch_size, n)
     for epoch in range(config.epochs):
-        if epoch == decay_epoch and decay_epoch > 0:
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * 0.1
-        order = torch.randperm(n, generator=generator).to(device)
-        for start in range(0, n, batch):
-            idx = order[start : start + batch]
-            x = images[idx]
-            if dsa is not None:
-                x = dsa(x, generator)
-            loss = F.cross_entropy(model(x), labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        set_epoch_lr(optimizer, config, epoch)
+        loss = train_epoch(model, optimizer, images, labels, config, dsa, generator)
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            progress.set_postfix(loss=f"{loss:.3f}", refresh=False)
     return model
 
 
@@ -140,7 +162,8 @@ class _Run:
     model_options: dict
 
 
-def _one_run(run: _Run, images: torch.Tensor, labels: torch.Tensor, test: Split) -> float:
+def _start_run(run: _Run, label: str = "") -> tuple[torch.nn.Module, torch.device, tqdm]:
+    """In the worker: threads, the seeded fresh network, and its progress bar."""
     if run.threads:
         torch.set_num_threads(run.threads)
     device = torch.device(run.device)
@@ -148,12 +171,17 @@ def _one_run(run: _Run, images: torch.Tensor, labels: torch.Tensor, test: Split)
     model = build_model(run.arch, run.info.channels, run.info.num_classes, run.info.image_size, **run.model_options)
     bar = tqdm(
         total=run.config.epochs,
-        desc=f"{run.arch} run {run.index + 1}",
+        desc=f"{run.arch} run {run.index + 1}{label}",
         position=run.index,
         leave=False,
         disable=None if run.progress else True,
         dynamic_ncols=True,
     )
+    return model.to(device), device, bar
+
+
+def _one_run(run: _Run, images: torch.Tensor, labels: torch.Tensor, test: Split) -> float:
+    model, device, bar = _start_run(run)
     with bar:
         train_network(model, images, labels, run.config, make_generator(run.seed), device, bar)
     return test_accuracy(model, test, device, run.config.test_batch_size)
@@ -164,6 +192,31 @@ def default_workers(device: torch.device, runs: int) -> int:
     if device.type != "cpu":
         return 1
     return max(1, min(runs, os.cpu_count() or 1))
+
+
+def _plan(arch, info, config, runs, seed, device, workers, progress, model_options):
+    if config.dsa:
+        config = replace(config, dsa_strategy=strategy_for_dataset(info.name, config.dsa_strategy))
+    if runs < 1:
+        raise ConfigError("--runs must be at least 1")
+    dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    workers = workers or default_workers(dev, runs)
+    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
+    plan = [
+        _Run(arch, info, config, derive_seed(seed, arch, i), i, str(dev), threads, progress, model_options or {})
+        for i in range(runs)
+    ]
+    return config, plan, workers
+
+
+def _map_runs(fn: Callable, plan: list[_Run], workers: int, *args) -> list[float]:
+    """``fn(run, *args)`` for every run: in this process, or in ``workers`` spawned processes."""
+    if workers == 1:
+        return [fn(r, *args) for r in plan]
+    ctx = torch.multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = [pool.submit(fn, r, *args) for r in plan]
+        return [f.result() for f in futures]
 
 
 def evaluate_set(
@@ -181,25 +234,52 @@ def evaluate_set(
     model_options: dict | None = None,
 ) -> EvalResult:
     """Train ``runs`` fresh ``arch`` networks on ``(images, labels)``; last-epoch test accuracy each."""
-    config = config or PRESETS["paper"]
-    if config.dsa:
-        config = replace(config, dsa_strategy=strategy_for_dataset(info.name, config.dsa_strategy))
-    if runs < 1:
-        raise ConfigError("--runs must be at least 1")
-    dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
-    workers = workers or default_workers(dev, runs)
-    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
-    plan = [
-        _Run(arch, info, config, derive_seed(seed, arch, i), i, str(dev), threads, progress, model_options or {})
-        for i in range(runs)
-    ]
+    config, plan, workers = _plan(
+        arch, info, config or PRESETS["paper"], runs, seed, device, workers, progress, model_options
+    )
     images, labels = images.detach().cpu().float(), labels.detach().cpu().long()
     started = time.perf_counter()
-    if workers == 1:
-        accuracies = [_one_run(r, images, labels, test) for r in plan]
-    else:
-        ctx = torch.multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futures = [pool.submit(_one_run, r, images, labels, test) for r in plan]
-            accuracies = [f.result() for f in futures]
+    accuracies = _map_runs(_one_run, plan, workers, images, labels, test)
     return EvalResult(arch, accuracies, config=asdict(config), seconds=time.perf_counter() - started)
+
+
+def _one_resampled_run(run: _Run, sampler: Callable, test: Split, test_every: int) -> float:
+    model, device, bar = _start_run(run, " (resampled)")
+    optimizer = make_optimizer(model, run.config)
+    dsa = DSA(run.config.dsa_strategy) if run.config.dsa else None
+    generator, best = make_generator(run.seed), 0.0
+    with bar:
+        for epoch in range(run.config.epochs):
+            images, labels = sampler(derive_seed(run.seed, "sample", epoch))
+            model.train()
+            set_epoch_lr(optimizer, run.config, epoch)
+            train_epoch(model, optimizer, images.to(device), labels.to(device), run.config, dsa, generator)
+            if (epoch + 1) % test_every == 0 or epoch + 1 == run.config.epochs:
+                best = max(best, test_accuracy(model, test, device, run.config.test_batch_size))
+            bar.update(1)
+    return best
+
+
+def evaluate_resampled(
+    sampler: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    test: Split,
+    info: DatasetInfo,
+    arch: str = "convnet3",
+    runs: int = 5,
+    config: EvalConfig | None = None,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    workers: int | None = None,
+    progress: bool = True,
+    test_every: int = 10,
+) -> EvalResult:
+    """DiM's protocol, for generators only: a fresh set ``sampler(seed)`` every epoch, and the
+    *best* test accuracy over the epochs tested (every ``test_every``). Not comparable with
+    :func:`evaluate_set`; results carry ``protocol: resampled-best`` in their config."""
+    if test_every < 1:
+        raise ConfigError("test_every must be at least 1")
+    config, plan, workers = _plan(arch, info, config or PRESETS["paper"], runs, seed, device, workers, progress, None)
+    started = time.perf_counter()
+    accuracies = _map_runs(_one_resampled_run, plan, workers, sampler, test, test_every)
+    details = {**asdict(config), "protocol": "resampled-best", "test_every": test_every}
+    return EvalResult(arch, accuracies, config=details, seconds=time.perf_counter() - started)

@@ -1,8 +1,12 @@
-"""Plain-text result tables (markdown), shared by the CLI and the benchmark scripts."""
+"""Plain-text result tables (markdown) and the benchmarks' resumable cell store."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
+
+from common.fileio import atomic_write_json
 
 
 def format_accuracy(mean: float, std: float) -> str:
@@ -15,3 +19,18 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+class Cells:
+    """Finished cells on disk, so a crashed benchmark resumes where it stopped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.done = json.loads(path.read_text())["cells"] if path.exists() else []
+
+    def get(self, key: dict) -> dict | None:
+        return next((c for c in self.done if all(c.get(k) == v for k, v in key.items())), None)
+
+    def add(self, cell: dict) -> None:
+        self.done.append(cell)
+        atomic_write_json(self.path, {"cells": self.done})

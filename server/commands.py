@@ -63,7 +63,10 @@ def distill_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--evaluate", action="store_true", help="evaluate the artifact right after writing it")
     add_data_arguments(parser)
-    add_eval_arguments(parser)
+    add_eval_arguments(
+        parser,
+        quick_help="smoke run: the method's small budgets (where it has a preset) and the 300-epoch protocol",
+    )
     method = _method_from_argv(argv)
     if method in list_methods():
         _add_method_options(parser, method)
@@ -74,7 +77,7 @@ def distill_main(args: argparse.Namespace) -> int:
     from common.datasets import load_dataset
     from common.errors import ArtifactError
     from common.runtime import resolve_device, seed_everything
-    from server.registry import distill, make_task
+    from server.registry import distill, get_method, make_task
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -93,6 +96,8 @@ def distill_main(args: argparse.Namespace) -> int:
         workdir=out.with_name(out.name + ".work"),
     )
     options = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    if args.quick:  # explicit options win over the preset
+        options = {**get_method(args.method).quick, **options}
     started = time.perf_counter()
     dset = distill(args.method, task, options)
     dset.manifest["distill_seconds"] = round(time.perf_counter() - started, 2)
@@ -110,3 +115,120 @@ def distill_main(args: argparse.Namespace) -> int:
         eval_args = argparse.Namespace(**{**vars(args), "artifacts": [str(out)], "json": None, "dataset": None})
         return evaluate_main(eval_args)
     return 0
+
+
+# ------------------------------------------------------------------------------ generate
+def generate_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    parser.add_argument("generator", help="GEN_DIR: the --out of 'distill --method generator' (or its generator/)")
+    parser.add_argument("--ipc", default="10", help="images per class, or ragged 'class:count,...'")
+    parser.add_argument(
+        "--per-class", default=None, help='per-class counts as JSON: a file, or inline like \'{"0": 5, "1": 12}\''
+    )
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same images)")
+    parser.add_argument("--out", required=True, help="artifact directory to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --out")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--evaluate", action="store_true", help="evaluate the generated set (fixed-set protocol)")
+    parser.add_argument(
+        "--dim-protocol",
+        action="store_true",
+        help="with --evaluate, also DiM's protocol: fresh samples every epoch, best test epoch (reported separately)",
+    )
+    parser.add_argument("--no-progress", action="store_true")
+    add_data_arguments(parser)
+    add_eval_arguments(parser)
+
+
+def read_per_class(text: str, num_classes: int) -> dict[int, int]:
+    """Counts from a JSON file or inline JSON: ``{"0": 5, ...}``, ``[5, 12, ...]`` or ``{"counts": {...}}``."""
+    import json
+
+    from common.errors import ConfigError
+    from common.subsets import parse_counts
+
+    source = Path(text)
+    try:
+        data = json.loads(source.read_text() if source.is_file() else text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f'--per-class: not JSON ({exc.msg}); give a file or e.g. \'{{"0": 5, "1": 12}}\'') from None
+    if isinstance(data, dict) and isinstance(data.get("counts"), dict | list):
+        data = data["counts"]
+    if isinstance(data, list):
+        data = dict(enumerate(data))
+    if not isinstance(data, dict):
+        raise ConfigError("--per-class: expected a JSON object class -> count, or a list of counts")
+    try:
+        counts = {int(c): int(n) for c, n in data.items()}
+    except (TypeError, ValueError):
+        raise ConfigError("--per-class: classes and counts must be integers") from None
+    return parse_counts(counts, num_classes)
+
+
+def generate_main(args: argparse.Namespace) -> int:
+    from common.artifacts import DistilledSet, save_distilled_set
+    from common.errors import ArtifactError
+    from common.runtime import resolve_device
+    from common.subsets import parse_counts
+    from server.gan import find_generator_dir, load_generator, sample
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ArtifactError(f"{out} already exists; pass --overwrite or choose another --out")
+    device = resolve_device(args.device)
+    generator, info, meta = load_generator(args.generator)
+    if args.per_class:
+        counts = read_per_class(args.per_class, info.num_classes)
+    else:
+        counts = parse_counts(args.ipc, info.num_classes)
+    started = time.perf_counter()
+    images, labels = sample(generator, counts, args.seed, info, device)
+    manifest = {
+        "generated_from": str(find_generator_dir(args.generator)),
+        "generator_sha256": meta["sha256"],
+        "generator_variant": meta.get("variant"),
+        "sample_seed": args.seed,
+        "pipc": meta.get("pipc"),
+        "dataset_spec": meta.get("dataset_spec", info.name),
+        "generate_seconds": round(time.perf_counter() - started, 3),
+    }
+    save_distilled_set(out, DistilledSet(images, labels, info, "generator", manifest), overwrite=args.overwrite)
+    print(f"wrote {out}: {len(labels)} images from the generator ({info.name}, seed {args.seed})")
+    if not args.evaluate:
+        return 0
+    from common.commands import evaluate_main
+
+    eval_args = argparse.Namespace(**{**vars(args), "artifacts": [str(out)], "json": None, "dataset": None})
+    code = evaluate_main(eval_args)
+    if args.dim_protocol:
+        evaluate_dim_protocol(generator, info, meta, counts, args, out)
+    return code
+
+
+def evaluate_dim_protocol(generator, info, meta, counts, args, out: Path) -> list[dict]:
+    """DiM's protocol (fresh samples every epoch, best test epoch), recorded apart from the default."""
+    from common.artifacts import update_manifest
+    from common.commands import eval_config_from_args
+    from common.datasets import load_dataset
+    from common.evaluation import evaluate_resampled
+    from server.gan import GeneratorSampler
+
+    data = load_dataset(meta.get("dataset_spec") or info.name, data_root=args.data_root, download=args.download)
+    sampler = GeneratorSampler(generator.shape, generator.cpu().state_dict(), info, counts, args.seed)
+    results = []
+    for arch in [a.strip() for a in args.models.split(",") if a.strip()]:
+        result = evaluate_resampled(
+            sampler,
+            data.test,
+            info,
+            arch=arch,
+            runs=args.runs,
+            config=eval_config_from_args(args),
+            seed=args.seed,
+            device=args.device,
+            workers=args.workers,
+            progress=not args.no_progress,
+        )
+        print(f"DiM protocol (fresh samples every epoch, best test epoch) {result}")
+        results.append(result.to_dict())
+    update_manifest(out, evaluation_dim_protocol={r["arch"]: r for r in results})
+    return results

@@ -48,6 +48,8 @@ class MethodOutput:
     images: torch.Tensor
     labels: torch.Tensor
     extra: dict[str, Any] = field(default_factory=dict)  # goes into the manifest
+    # extra files of the artifact: name -> writer(path) (e.g. the generator method's network)
+    attachments: dict[str, Callable[[Path], None]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -56,19 +58,23 @@ class MethodSpec:
     run: Callable[[DistillTask, Any], MethodOutput]
     config_cls: type
     description: str
+    quick: dict[str, Any] = field(default_factory=dict)  # option overrides of the --quick smoke preset
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
 
 
-def register_method(name: str, config_cls: type, description: str = ""):
-    """Decorator registering ``run(task, config) -> MethodOutput`` under ``name``."""
+def register_method(name: str, config_cls: type, description: str = "", quick: dict[str, Any] | None = None):
+    """Decorator registering ``run(task, config) -> MethodOutput`` under ``name``.
+
+    ``quick`` holds the option overrides of the method's smoke-run preset (``distill --quick``).
+    """
     if not dataclasses.is_dataclass(config_cls):
         raise TypeError("a method's config must be a dataclass")
 
     def decorator(run: Callable[[DistillTask, Any], MethodOutput]):
         doc = description or (run.__doc__ or "").strip().splitlines()[0]
-        METHODS.register(name)(MethodSpec(name, run, config_cls, doc))
+        METHODS.register(name)(MethodSpec(name, run, config_cls, doc, dict(quick or {})))
         return run
 
     return decorator
@@ -79,6 +85,7 @@ def _load_builtin_methods() -> None:
     import server.coreset  # noqa: F401
     import server.dm  # noqa: F401
     import server.dsv  # noqa: F401
+    import server.generator  # noqa: F401
 
 
 def get_method(name: str) -> MethodSpec:
@@ -175,5 +182,10 @@ def distill(name: str, task: DistillTask, options: dict[str, Any] | Any = None) 
         **out.extra,
     }
     return DistilledSet(
-        out.images.detach().cpu().float().contiguous(), out.labels.detach().cpu().long(), task.info, name, manifest
+        out.images.detach().cpu().float().contiguous(),
+        out.labels.detach().cpu().long(),
+        task.info,
+        name,
+        manifest,
+        attachments=out.attachments,
     )

@@ -31,7 +31,7 @@ import torch
 from common.datasets import Split, load_dataset
 from common.evaluation import PRESETS, evaluate_set
 from common.fileio import atomic_write_bytes, atomic_write_json
-from common.report import format_accuracy, markdown_table
+from common.report import Cells, format_accuracy, markdown_table
 from common.runtime import derive_seed, make_generator, peak_memory_mib, resolve_device
 from server.dkkt import lambda_from_weight_decay
 from server.registry import distill, make_task
@@ -121,21 +121,6 @@ def validation_split(task, per_class: int, seed: int):
         task, real=task.real.subset(keep), real_indices=task.real_indices[keep], pipc=task.pipc - per_class
     )
     return trimmed, Split(task.real.images[held], task.real.labels[held])
-
-
-class Cells:
-    """Finished cells on disk, so a crashed benchmark resumes where it stopped."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.done = json.loads(path.read_text())["cells"] if path.exists() else []
-
-    def get(self, key: dict) -> dict | None:
-        return next((c for c in self.done if all(c.get(k) == v for k, v in key.items())), None)
-
-    def add(self, cell: dict) -> None:
-        self.done.append(cell)
-        atomic_write_json(self.path, {"cells": self.done})
 
 
 def run_cell(data, task, method, options, test: Split, args, config, device) -> dict:

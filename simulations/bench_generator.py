@@ -1,0 +1,204 @@
+"""Benchmark the generator method: CGAN-only vs logit matching (DiM-style) vs global+local.
+
+    python -m simulations.bench_generator --dataset mnist --data-root ../shared/data \\
+        --stage1-steps 2000 --stage2-steps 200 --ipcs 1,10,50 --runs 3 --quick --out runs/bench-generator
+
+One CGAN (stage 1) is trained and shared by every variant, so the variants differ only in their
+stage 2 (same steps, same batches, same seed): ``cgan`` (matching weights 0), ``logit``
+(w_local 0) and ``global+local`` (the defaults, or ``--set``). Every ipc is sampled from the one
+generator of each variant (no retraining). Tables: fixed-set protocol (the project's default,
+DESIGN s.8) per variant x ipc; DiM's protocol (fresh samples every epoch, best test epoch) for
+``--dim-variants``, labelled as such; cross-architecture at ``--cross-ipc``. Every finished stage
+and cell is kept in ``--out``; a rerun resumes. Writes ``results.json`` and ``table.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from common.datasets import load_dataset
+from common.evaluation import PRESETS, evaluate_resampled, evaluate_set
+from common.fileio import atomic_write_json
+from common.report import Cells, format_accuracy, markdown_table
+from common.runtime import peak_memory_mib, resolve_device
+from server.checkpoint import load_checkpoint, save_checkpoint
+from server.gan import GeneratorSampler, load_generator, sample, save_generator
+from server.generator import GeneratorConfig, train_generator
+from server.registry import coerce_option, make_task
+
+VARIANTS = {"cgan": {"w_global": 0.0, "w_local": 0.0}, "logit": {"w_local": 0.0}, "global+local": {}}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="mnist")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--pipc", default="all", help="real images per class the generator may see")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--stage1-steps", type=int, default=2000)
+    p.add_argument("--stage2-steps", type=int, default=200)
+    p.add_argument(
+        "--set", action="append", default=[], metavar="OPTION=VALUE", help="a generator option (all variants)"
+    )
+    p.add_argument("--ipcs", default="1,10,50")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--dim-variants", default="global+local", help="variants also evaluated with DiM's protocol")
+    p.add_argument("--cross-archs", default="convnet3,resnet18,alexnet,vgg11")
+    p.add_argument("--cross-ipc", type=int, default=10)
+    p.add_argument("--cross-variant", default="global+local")
+    p.add_argument("--quick", action="store_true", help="300-epoch protocol (default: 1000)")
+    p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs (smoke runs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="runs/bench-generator")
+    return p.parse_args(argv)
+
+
+def base_config(args) -> GeneratorConfig:
+    options = {"stage1_steps": args.stage1_steps, "stage2_steps": args.stage2_steps}
+    for item in args.set:
+        key, value = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        options[key] = coerce_option("generator", key, value.strip())
+    return GeneratorConfig(**options)
+
+
+def stage1_state(task, config: GeneratorConfig, out: Path) -> dict:
+    """The shared CGAN: trained once (resumable through its checkpoints), then kept in stage1.pt."""
+    done = out / "stage1.pt"
+    stage1 = replace(config, stage2_steps=0, checkpoint_every=max(1, config.stage1_steps // 10))
+    identity = {"stage1": dataclasses.asdict(replace(stage1, resume=False, checkpoint_every=0, log_every=1))}
+    if done.exists():
+        return load_checkpoint(done, identity)
+    workdir = out / "stage1-work"
+    resume = (workdir / "generator-checkpoint.pt").exists()
+    trainer = train_generator(replace(task, workdir=workdir), replace(stage1, resume=resume))
+    state = trainer.state_dict()
+    state["seconds_per_step"] = trainer.seconds[0] / max(1, config.stage1_steps)
+    save_checkpoint(done, {**identity, **state})
+    return state
+
+
+def variant_generator(task, config: GeneratorConfig, name: str, start: dict, out: Path):
+    """Stage 2 of one variant from the shared stage-1 state; the generator is kept in generators/NAME."""
+    where = out / "generators" / name.replace("+", "-")
+    if (where / "generator.json").exists():
+        return load_generator(where)
+    variant = replace(config, **VARIANTS.get(name, {}))
+    trainer = train_generator(task, variant, start_from=start)
+    s2 = trainer.seconds[1] / max(1, variant.stage2_steps)
+    meta = {
+        "variant": name,
+        "method_options": dataclasses.asdict(variant),
+        "seconds_per_step_stage1": round(start["seconds_per_step"], 4),
+        "seconds_per_step_stage2": round(s2, 4),
+        "dataset_spec": task.dataset_spec,
+        "pipc": task.pipc,
+        "seed": task.seed,
+    }
+    save_generator(where, trainer.gen.cpu(), task.info, meta, {"stage2.png": trainer.grid_samples()}, overwrite=True)
+    print(f"{name}: stage 2 {s2:.3f} s/step", flush=True)
+    return load_generator(where)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
+    protocol = PRESETS["quick" if args.quick else "paper"]
+    if args.epochs:
+        protocol = replace(protocol, epochs=args.epochs)
+    data = load_dataset(args.dataset, data_root=args.data_root)
+    config = base_config(args)
+    task = make_task(data, 1, args.pipc, seed=args.seed, device=device, dataset_spec=args.dataset)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; use {', '.join(VARIANTS)}")
+
+    started = time.perf_counter()
+    start = stage1_state(task, config, out)
+    print(f"stage 1: {config.stage1_steps} steps, {start['seconds_per_step']:.3f} s/step", flush=True)
+    generators = {name: variant_generator(task, config, name, start, out) for name in variants}
+
+    cells = Cells(out / "cells.json")
+    ipcs = [int(i) for i in args.ipcs.split(",")]
+    wanted = [(v, ipc, "convnet3", "fixed") for v in variants for ipc in ipcs]
+    wanted += [(v, ipc, "convnet3", "dim") for v in args.dim_variants.split(",") if v in variants for ipc in ipcs]
+    if args.cross_variant in variants:
+        wanted += [(args.cross_variant, args.cross_ipc, a, "fixed") for a in args.cross_archs.split(",") if a]
+    for variant, ipc, arch, kind in wanted:
+        key = {"variant": variant, "ipc": ipc, "arch": arch, "protocol": kind}
+        if cells.get(key) is not None:
+            continue
+        gen, info, _ = generators[variant]
+        counts = dict.fromkeys(range(info.num_classes), ipc)
+        if kind == "fixed":
+            images, labels = sample(gen, counts, args.seed, info, device)
+            result = evaluate_set(
+                images, labels, data.test, info, arch, args.runs, protocol, args.seed, device, progress=False
+            )
+        else:
+            sampler = GeneratorSampler(gen.shape, gen.cpu().state_dict(), info, counts, args.seed)
+            result = evaluate_resampled(
+                sampler, data.test, info, arch, args.runs, protocol, args.seed, device, progress=False
+            )
+        cells.add({**key, "mean": result.mean, "std": result.std, "accuracies": result.accuracies})
+        print(f"{variant:>12} ipc {ipc:>3} {arch:>9} {kind:>5}: {format_accuracy(result.mean, result.std)}", flush=True)
+
+    return report(args, cells, generators, protocol, device, time.perf_counter() - started)
+
+
+def report(args, cells: Cells, generators: dict, protocol, device: torch.device, seconds: float) -> int:
+    ipcs = [int(i) for i in args.ipcs.split(",")]
+
+    def text(variant: str, ipc: int, arch: str = "convnet3", kind: str = "fixed") -> str:
+        cell = cells.get({"variant": variant, "ipc": ipc, "arch": arch, "protocol": kind})
+        return format_accuracy(cell["mean"], cell["std"]) if cell else "-"
+
+    timing = {name: meta for name, (_, _, meta) in generators.items()}
+    header = (
+        f"{args.dataset}, pipc {args.pipc}; one CGAN of {args.stage1_steps} steps shared by all variants, then "
+        f"{args.stage2_steps} stage-2 steps each; ConvNet-3, {protocol.epochs} epochs, {args.runs} runs; "
+        f"device {device}"
+    )
+    rows = [[v, *(text(v, i) for i in ipcs)] for v in generators]
+    fixed = markdown_table(["variant (fixed set)", *(f"ipc {i}" for i in ipcs)], rows)
+    dim_rows = [
+        [f"{v} (DiM protocol)", *(text(v, i, kind="dim") for i in ipcs)]
+        for v in args.dim_variants.split(",")
+        if v in generators
+    ]
+    dim = (
+        markdown_table(["variant (fresh samples/epoch, best epoch)", *(f"ipc {i}" for i in ipcs)], dim_rows)
+        if dim_rows
+        else ""
+    )
+    archs = [a for a in args.cross_archs.split(",") if a]
+    cross = markdown_table(
+        [f"{args.cross_variant}, ipc {args.cross_ipc}", *archs],
+        [["fixed set", *(text(args.cross_variant, args.cross_ipc, a) for a in archs)]],
+    )
+    speed = markdown_table(
+        ["variant", "stage 1 s/step", "stage 2 s/step"],
+        [[v, m.get("seconds_per_step_stage1"), m.get("seconds_per_step_stage2")] for v, m in timing.items()],
+    )
+    tables = "\n\n".join(t for t in (header, fixed, dim, cross, speed) if t)
+    tables += f"\n\npeak memory {peak_memory_mib(device):.0f} MiB; this run {seconds:.0f} s"
+    print("\n" + tables)
+    out = Path(args.out)
+    (out / "table.md").write_text(tables + "\n")
+    atomic_write_json(out / "results.json", {"header": header, "cells": cells.done, "generators": timing})
+    print(f"\nwrote {out / 'results.json'} and {out / 'table.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
