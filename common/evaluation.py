@@ -209,12 +209,28 @@ def _plan(arch, info, config, runs, seed, device, workers, progress, model_optio
     return config, plan, workers
 
 
+def _exit_with_parent() -> None:
+    """Worker initializer: end this worker when the process that spawned it is gone (killed or
+    crashed), instead of training on as an orphan that takes the cores from the next job."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def _map_runs(fn: Callable, plan: list[_Run], workers: int, *args) -> list[float]:
     """``fn(run, *args)`` for every run: in this process, or in ``workers`` spawned processes."""
     if workers == 1:
         return [fn(r, *args) for r in plan]
     ctx = torch.multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_exit_with_parent) as pool:
         futures = [pool.submit(fn, r, *args) for r in plan]
         return [f.result() for f in futures]
 

@@ -48,7 +48,7 @@ from server.gan import (
 from server.registry import DistillTask, MethodOutput, register_method
 
 CHECKPOINT_FILE = "generator-checkpoint.pt"
-NON_IDENTITY_OPTIONS = ("resume", "checkpoint_every", "log_every")
+NON_IDENTITY_OPTIONS = ("resume", "checkpoint_every", "log_every", "time_limit")
 GRID_PER_CLASS = 10
 
 
@@ -74,6 +74,7 @@ class GeneratorConfig:
     checkpoint_every: int = 500  # generator steps between checkpoints (0: never)
     resume: bool = False
     log_every: int = 50
+    time_limit: float = 0.0  # seconds of training before stopping early with a note (0: no limit)
 
     def __post_init__(self) -> None:
         if min(self.stage1_steps, self.stage2_steps, self.pool_steps, self.checkpoint_every) < 0:
@@ -194,6 +195,7 @@ class GeneratorTrainer:
         self.window: dict[str, list[float]] = {}
         self.seconds = [0.0, 0.0]  # per stage
         self.stage1_grid: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.stopped_early = ""
 
     @property
     def total_steps(self) -> int:
@@ -361,14 +363,15 @@ def train_generator(
         trainer.load_state_dict(load_checkpoint(ckpt, identity))
         resumed_from = trainer.step
     trainer.gen.train()
-    bars = {}
     for stage, steps, first in ((1, config.stage1_steps, 0), (2, config.stage2_steps, config.stage1_steps)):
         done = min(max(trainer.step - first, 0), steps)
         if done == steps:
             continue
         bar = tqdm(total=steps, initial=done, desc=f"generator stage {stage}", disable=None if task.progress else True)
-        bars[stage] = bar
         while trainer.step < first + steps:
+            if config.time_limit and sum(trainer.seconds) >= config.time_limit:
+                trainer.stopped_early = f"time limit {config.time_limit:g} s reached after {trainer.step} steps"
+                break
             if stage == 2 and trainer.step == first and trainer.stage1_grid is None:
                 trainer.begin_stage2()
             started = time.perf_counter()
@@ -386,6 +389,8 @@ def train_generator(
             if on_step is not None:
                 on_step(trainer.step)
         bar.close()
+        if trainer.stopped_early:
+            break
     trainer.flush()
     trainer.resumed_from = resumed_from
     return trainer
@@ -393,18 +398,22 @@ def train_generator(
 
 def _summary(trainer: GeneratorTrainer) -> dict:
     config, s1, s2 = trainer.config, trainer.seconds[0], trainer.seconds[1]
+    done1 = min(trainer.step, config.stage1_steps)
+    done2 = trainer.step - done1
     return {
         "loss_curves": trainer.curves,
         "stage1_steps": config.stage1_steps,
         "stage2_steps": config.stage2_steps,
-        "seconds_per_step_stage1": round(s1 / config.stage1_steps, 4) if config.stage1_steps else 0.0,
-        "seconds_per_step_stage2": round(s2 / config.stage2_steps, 4) if config.stage2_steps else 0.0,
+        "seconds_per_step_stage1": round(s1 / done1, 4) if done1 else 0.0,
+        "seconds_per_step_stage2": round(s2 / done2, 4) if done2 else 0.0,
         "variant": "global+local"
         if config.w_local > 0 and config.w_global > 0
         else ("logit" if config.w_global > 0 else ("local" if config.w_local > 0 else "cgan")),
         "pool": config.pool_names if trainer.pool is not None else [],
         "local_layers": dict(zip(config.pool_names, trainer.pool.layers)) if trainer.pool is not None else {},
         "resumed_from": trainer.resumed_from,
+        "steps_done": trainer.step,
+        **({"stopped_early": trainer.stopped_early} if trainer.stopped_early else {}),
     }
 
 

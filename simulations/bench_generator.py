@@ -29,7 +29,7 @@ from common.report import Cells, format_accuracy, markdown_table
 from common.runtime import peak_memory_mib, resolve_device
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.gan import GeneratorSampler, load_generator, sample, save_generator
-from server.generator import GeneratorConfig, train_generator
+from server.generator import NON_IDENTITY_OPTIONS, GeneratorConfig, train_generator
 from server.registry import coerce_option, make_task
 
 VARIANTS = {"cgan": {"w_global": 0.0, "w_local": 0.0}, "logit": {"w_local": 0.0}, "global+local": {}}
@@ -49,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ipcs", default="1,10,50")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--dim-variants", default="global+local", help="variants also evaluated with DiM's protocol")
+    p.add_argument("--dim-ipcs", default="", help="ipcs of the DiM-protocol cells (default: --ipcs)")
     p.add_argument("--cross-archs", default="convnet3,resnet18,alexnet,vgg11")
     p.add_argument("--cross-ipc", type=int, default=10)
     p.add_argument("--cross-variant", default="global+local")
@@ -73,7 +74,8 @@ def stage1_state(task, config: GeneratorConfig, out: Path) -> dict:
     """The shared CGAN: trained once (resumable through its checkpoints), then kept in stage1.pt."""
     done = out / "stage1.pt"
     stage1 = replace(config, stage2_steps=0, checkpoint_every=max(1, config.stage1_steps // 10))
-    identity = {"stage1": dataclasses.asdict(replace(stage1, resume=False, checkpoint_every=0, log_every=1))}
+    options = dataclasses.asdict(stage1)
+    identity = {"stage1": {k: v for k, v in options.items() if k not in NON_IDENTITY_OPTIONS}}
     if done.exists():
         return load_checkpoint(done, identity)
     workdir = out / "stage1-work"
@@ -131,7 +133,8 @@ def main(argv=None) -> int:
     cells = Cells(out / "cells.json")
     ipcs = [int(i) for i in args.ipcs.split(",")]
     wanted = [(v, ipc, "convnet3", "fixed") for v in variants for ipc in ipcs]
-    wanted += [(v, ipc, "convnet3", "dim") for v in args.dim_variants.split(",") if v in variants for ipc in ipcs]
+    dim_ipcs = [int(i) for i in (args.dim_ipcs or args.ipcs).split(",")]
+    wanted += [(v, ipc, "convnet3", "dim") for v in args.dim_variants.split(",") if v in variants for ipc in dim_ipcs]
     if args.cross_variant in variants:
         wanted += [(args.cross_variant, args.cross_ipc, a, "fixed") for a in args.cross_archs.split(",") if a]
     for variant, ipc, arch, kind in wanted:

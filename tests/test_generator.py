@@ -130,6 +130,15 @@ def test_interrupted_run_resumes_exactly_across_the_stage_boundary(digits, tmp_p
         train_generator(task, GeneratorConfig(**{**config, "w_local": 0.5}, resume=True))
 
 
+def test_time_limit_stops_early_with_a_note(digits):
+    from server.generator import _summary
+
+    trainer = train_generator(make_task(digits, 1, progress=False), GeneratorConfig(**TINY, time_limit=0.2))
+    summary = _summary(trainer)
+    assert 0 < trainer.step < 20000 and "time limit" in summary["stopped_early"]
+    assert summary["steps_done"] == trainer.step and summary["seconds_per_step_stage1"] > 0
+
+
 def test_corrupt_generator_artifact_is_refused(tmp_path):
     info = info_of(1, 8)
     gen = ConditionalGenerator(GeneratorShape.for_dataset(info, width=8))
