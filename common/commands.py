@@ -37,7 +37,7 @@ def eval_config_from_args(args: argparse.Namespace):
     config = PRESETS["quick" if args.quick else "paper"]
     if args.epochs:
         config = replace(config, epochs=args.epochs)
-    if args.no_eval_dsa:
+    if getattr(args, "no_eval_dsa", False):
         config = replace(config, dsa=False)
     return config
 

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import torch
 
+from common.commands import eval_config_from_args
 from common.datasets import Split, load_dataset
-from common.evaluation import PRESETS, evaluate_set
+from common.evaluation import evaluate_set
 from common.fileio import atomic_write_bytes, atomic_write_json
 from common.report import Cells, format_accuracy, markdown_table
 from common.runtime import derive_seed, make_generator, peak_memory_mib, resolve_device
@@ -146,9 +147,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
-    config = PRESETS["quick" if args.quick else "paper"]
-    if args.epochs:
-        config = replace(config, epochs=args.epochs)
+    config = eval_config_from_args(args)
     data = load_dataset(args.dataset, data_root=args.data_root)
     global_model = Path(args.global_model) if args.global_model else federate(args, out)
     model_meta = json.loads((global_model / "model.json").read_text())

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
+from common.commands import eval_config_from_args
 from common.datasets import load_dataset
-from common.evaluation import PRESETS, evaluate_resampled, evaluate_set
+from common.evaluation import evaluate_resampled, evaluate_set
 from common.fileio import atomic_write_json
 from common.report import Cells, format_accuracy, markdown_table
 from common.runtime import peak_memory_mib, resolve_device
@@ -114,9 +115,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
-    protocol = PRESETS["quick" if args.quick else "paper"]
-    if args.epochs:
-        protocol = replace(protocol, epochs=args.epochs)
+    protocol = eval_config_from_args(args)
     data = load_dataset(args.dataset, data_root=args.data_root)
     config = base_config(args)
     task = make_task(data, 1, args.pipc, seed=args.seed, device=device, dataset_spec=args.dataset)
