@@ -12,7 +12,6 @@ from a checkpoint continues exactly as the uninterrupted run would.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from common.augment import DEFAULT_STRATEGY, DSA, strategy_for_dataset
 from common.errors import ConfigError
 from common.models import build_model
 from common.runtime import derive_seed, make_generator
+from server import checkpoint
 from server.registry import DistillTask, MethodOutput, register_method
 from server.synthesis import LoopSettings, optimise_pixels, slices_of
 
@@ -144,17 +144,8 @@ class DMLoss:
 
 
 def job_identity(method: str, task: DistillTask, config) -> dict:
-    """What a checkpoint must match to be resumed (options that change the result, the data, the seed)."""
-    options = {k: v for k, v in dataclasses.asdict(config).items() if k not in NON_IDENTITY_OPTIONS}
-    return {
-        "method": method,
-        "options": options,
-        "seed": task.seed,
-        "counts": {int(c): int(n) for c, n in task.counts.items()},
-        "dataset": task.dataset_spec,
-        "real_indices_sum": int(task.real_indices.sum()),
-        "real_count": int(len(task.real_indices)),
-    }
+    """What a checkpoint of a pixel-optimising method must match to be resumed."""
+    return checkpoint.job_identity(method, task, config, NON_IDENTITY_OPTIONS)
 
 
 def loop_settings(config) -> LoopSettings:

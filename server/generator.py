@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from common.errors import ConfigError
 from common.models import build_model, list_models
 from common.runtime import derive_seed, make_generator
-from server.checkpoint import load_checkpoint, save_checkpoint
+from server.checkpoint import job_identity, load_checkpoint, save_checkpoint
 from server.gan import (
     ACDiscriminator,
     ConditionalGenerator,
@@ -324,18 +324,6 @@ class GeneratorTrainer:
         self.seconds, self.stage1_grid = list(state["seconds"]), state["stage1_grid"]
 
 
-def job_identity(task: DistillTask, config: GeneratorConfig) -> dict:
-    options = {k: v for k, v in dataclasses.asdict(config).items() if k not in NON_IDENTITY_OPTIONS}
-    return {
-        "method": "generator",
-        "options": options,
-        "seed": task.seed,
-        "dataset": task.dataset_spec,
-        "real_indices_sum": int(task.real_indices.sum()),
-        "real_count": int(len(task.real_indices)),
-    }
-
-
 def train_generator(
     task: DistillTask,
     config: GeneratorConfig,
@@ -348,7 +336,7 @@ def train_generator(
     and stage-1 options): stage-2 variants then share one CGAN, as the benchmark does.
     """
     trainer = GeneratorTrainer(task, config)
-    identity = job_identity(task, config)
+    identity = job_identity("generator", task, config, NON_IDENTITY_OPTIONS, with_counts=False)
     ckpt = Path(task.workdir) / CHECKPOINT_FILE if task.workdir else None
     resumed_from = None
     if start_from is not None:

@@ -28,7 +28,7 @@ from common.evaluation import evaluate_resampled, evaluate_set
 from common.fileio import atomic_write_json
 from common.report import Cells, format_accuracy, markdown_table
 from common.runtime import peak_memory_mib, resolve_device
-from server.checkpoint import load_checkpoint, save_checkpoint
+from server.checkpoint import identity_options, load_checkpoint, save_checkpoint
 from server.gan import GeneratorSampler, load_generator, sample, save_generator
 from server.generator import NON_IDENTITY_OPTIONS, GeneratorConfig, train_generator
 from server.registry import coerce_option, make_task
@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def base_config(args) -> GeneratorConfig:
     options = {"stage1_steps": args.stage1_steps, "stage2_steps": args.stage2_steps}
-    for item in args.set:
+    for item in args.set:  # one option per --set, so a value may hold commas (pool=convnet3,resnet18)
         key, value = item.split("=", 1)
         key = key.strip().replace("-", "_")
         options[key] = coerce_option("generator", key, value.strip())
@@ -75,8 +75,7 @@ def stage1_state(task, config: GeneratorConfig, out: Path) -> dict:
     """The shared CGAN: trained once (resumable through its checkpoints), then kept in stage1.pt."""
     done = out / "stage1.pt"
     stage1 = replace(config, stage2_steps=0, checkpoint_every=max(1, config.stage1_steps // 10))
-    options = dataclasses.asdict(stage1)
-    identity = {"stage1": {k: v for k, v in options.items() if k not in NON_IDENTITY_OPTIONS}}
+    identity = {"stage1": identity_options(stage1, NON_IDENTITY_OPTIONS)}
     if done.exists():
         return load_checkpoint(done, identity)
     workdir = out / "stage1-work"
