@@ -1,1 +1,3 @@
-"""The server: aggregation of edge models and the distillation methods that run on it."""
+"""The server, in rooms: `methods/` (the distillation methods and their registry) and
+`federation/` (the Flower ServerApp, strategies, server distillation rounds); `commands` holds
+the `distill` and `generate` subcommands."""

@@ -22,7 +22,7 @@ def _method_from_argv(argv: list[str]) -> str | None:
 
 def _add_method_options(parser: argparse.ArgumentParser, method: str) -> None:
     """Every field of the method's config dataclass becomes ``--field-name`` (typed)."""
-    from server.registry import get_method
+    from server.methods.registry import get_method
 
     spec = get_method(method)
     group = parser.add_argument_group(f"options of method {method!r}", spec.description)
@@ -50,7 +50,7 @@ def _add_method_options(parser: argparse.ArgumentParser, method: str) -> None:
 
 
 def distill_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
-    from server.registry import list_methods
+    from server.methods.registry import list_methods
 
     parser.add_argument("--method", required=True, choices=list_methods(), help="distillation method")
     parser.add_argument("--dataset", default="digits", help="registry name, npz:PATH or imagefolder:PATH")
@@ -77,7 +77,7 @@ def distill_main(args: argparse.Namespace) -> int:
     from common.datasets import load_dataset
     from common.errors import ArtifactError
     from common.runtime import resolve_device, seed_everything
-    from server.registry import distill, get_method, make_task
+    from server.methods.registry import distill, get_method, make_task
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -169,7 +169,7 @@ def generate_main(args: argparse.Namespace) -> int:
     from common.errors import ArtifactError
     from common.runtime import resolve_device
     from common.subsets import parse_counts
-    from server.gan import find_generator_dir, load_generator, sample
+    from server.methods.gan import find_generator_dir, load_generator, sample
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -210,7 +210,7 @@ def evaluate_dim_protocol(generator, info, meta, counts, args, out: Path) -> lis
     from common.commands import eval_config_from_args
     from common.datasets import load_dataset
     from common.evaluation import evaluate_resampled
-    from server.gan import GeneratorSampler
+    from server.methods.gan import GeneratorSampler
 
     data = load_dataset(meta.get("dataset_spec") or info.name, data_root=args.data_root, download=args.download)
     sampler = GeneratorSampler(generator.shape, generator.cpu().state_dict(), info, counts, args.seed)

@@ -25,7 +25,7 @@ from common.evaluation import PRESETS, evaluate_set
 from common.fileio import atomic_write_bytes, atomic_write_json
 from common.report import format_accuracy, markdown_table
 from common.runtime import peak_memory_mib, resolve_device
-from server.registry import coerce_option, distill, make_task
+from server.methods.registry import coerce_option, distill, make_task
 
 
 def parse_args(argv=None) -> argparse.Namespace:

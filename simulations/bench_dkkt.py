@@ -34,9 +34,9 @@ from common.evaluation import evaluate_set
 from common.fileio import atomic_write_bytes, atomic_write_json
 from common.report import Cells, format_accuracy, markdown_table
 from common.runtime import derive_seed, make_generator, peak_memory_mib, resolve_device
-from server.dkkt import lambda_from_weight_decay
-from server.registry import distill, make_task
-from server.rounds import RoundPlan, method_options
+from server.federation.rounds import RoundPlan, method_options
+from server.methods.dkkt import lambda_from_weight_decay
+from server.methods.registry import distill, make_task
 
 METHODS = "random,herding,dm,dsv,dm+dkkt,dm+dkkt@1,dsv-dm-avg"
 
@@ -79,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def federate(args, out: Path) -> Path:
     """Phase 1: the global model of a simulated Dirichlet fleet (reused if already there)."""
-    from server.federation import GLOBAL_MODEL_DIR, FederationConfig
+    from server.federation.run import GLOBAL_MODEL_DIR, FederationConfig
     from simulations.simulate import run_simulated_fleet
 
     model_dir = out / "federation" / GLOBAL_MODEL_DIR

@@ -22,16 +22,16 @@ from pathlib import Path
 
 import torch
 
+from common.checkpoint import identity_options, load_checkpoint, save_checkpoint
 from common.commands import eval_config_from_args
 from common.datasets import load_dataset
 from common.evaluation import evaluate_resampled, evaluate_set
 from common.fileio import atomic_write_json
 from common.report import Cells, format_accuracy, markdown_table
 from common.runtime import peak_memory_mib, resolve_device
-from server.checkpoint import identity_options, load_checkpoint, save_checkpoint
-from server.gan import GeneratorSampler, load_generator, sample, save_generator
-from server.generator import NON_IDENTITY_OPTIONS, GeneratorConfig, train_generator
-from server.registry import coerce_option, make_task
+from server.methods.gan import GeneratorSampler, load_generator, sample, save_generator
+from server.methods.generator import NON_IDENTITY_OPTIONS, GeneratorConfig, train_generator
+from server.methods.registry import coerce_option, make_task
 
 VARIANTS = {"cgan": {"w_global": 0.0, "w_local": 0.0}, "logit": {"w_local": 0.0}, "global+local": {}}
 

@@ -73,7 +73,7 @@ def simulate_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None
 
 
 def config_from_args(args: argparse.Namespace):
-    from server.federation import FederationConfig
+    from server.federation.run import FederationConfig
 
     return FederationConfig(
         dataset=args.dataset,
@@ -113,8 +113,8 @@ def config_from_args(args: argparse.Namespace):
 def run_simulated_fleet(config, clients: int, cpus_per_client: float = 1.0, on_round=None) -> list[dict]:
     """Run the whole federation in-process; returns the per-round history."""
     from edge_client.client_app import app as client_app
-    from server.federation import load_history
-    from server.server_app import make_server_app
+    from server.federation.run import load_history
+    from server.federation.server_app import make_server_app
 
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -192,8 +192,8 @@ def compare_methods(config, history: list[dict], methods: list[str]) -> str:
     from common.fileio import atomic_write_bytes, atomic_write_json
     from common.report import format_accuracy
     from common.visualize import save_spectra
-    from server.federation import GLOBAL_MODEL_DIR
-    from server.rounds import distill_and_evaluate
+    from server.federation.rounds import distill_and_evaluate
+    from server.federation.run import GLOBAL_MODEL_DIR
 
     out = Path(config.out_dir)
     final = history[-1]

@@ -19,8 +19,8 @@ from common.datasets import load_dataset
 from common.fileio import atomic_write_json
 from common.report import markdown_table
 from common.runtime import peak_memory_mib, resolve_device
-from server.dm import DMConfig, DMLoss, initial_images
-from server.registry import make_task
+from server.methods.dm import DMConfig, DMLoss, initial_images
+from server.methods.registry import make_task
 
 
 def time_mode(task, batch_classes: bool, iterations: int, batch_real: int) -> float:

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from common.errors import ConfigError
 from common.modelio import save_model
 from common.models import build_model
-from server.dkkt import DKKTLoss, DKKTOptions, select_parameters, stationarity_loss
-from server.registry import distill, make_task
+from server.methods.dkkt import DKKTLoss, DKKTOptions, select_parameters, stationarity_loss
+from server.methods.registry import distill, make_task
 
 
 @pytest.fixture(scope="session")
@@ -135,7 +135,7 @@ def test_spectrum_of_a_constant_image_is_all_low_frequency():
 
 
 def test_dm_dkkt_resumes_exactly_including_the_multipliers(digits, digits_model, tmp_path):
-    from server.dsv import DMDKKTConfig, run_dm_dkkt
+    from server.methods.dsv import DMDKKTConfig, run_dm_dkkt
 
     config = dict(iterations=8, checkpoint_every=3, batch_real=8, log_every=2, global_model=str(digits_model))
     full = run_dm_dkkt(make_task(digits, 1, pipc=10, seed=5, progress=False), DMDKKTConfig(**config))

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from common.errors import ConfigError
-from server.dm import CHECKPOINT_FILE, DMConfig, DMLoss, run_dm
-from server.registry import distill, make_task
+from server.methods.dm import CHECKPOINT_FILE, DMConfig, DMLoss, run_dm
+from server.methods.registry import distill, make_task
 
 
 def test_dm_loss_decreases_on_digits(digits):

@@ -3,7 +3,7 @@ import torch
 
 from common.errors import ConfigError
 from common.evaluation import PRESETS, EvalConfig, evaluate_set
-from server.registry import distill, make_task
+from server.methods.registry import distill, make_task
 
 
 def test_presets_follow_the_protocol():

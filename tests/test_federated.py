@@ -10,7 +10,7 @@ from common.partition import partition_indices
 from common.subsets import public_subset_indices
 from edge_client.client_app import evaluate, train
 from edge_client.task import ClientTaskConfig
-from server.strategy import FederationError, RobustFedAvg
+from server.federation.strategy import FederationError, RobustFedAvg
 
 
 @pytest.fixture(autouse=True)
@@ -145,7 +145,7 @@ def test_partitions_are_disjoint_deterministic_and_exclude_the_public_subset(dig
 
 def test_run_config_is_typed_and_refuses_unknown_keys():
     from common.errors import ConfigError
-    from server.federation import FederationConfig
+    from server.federation.run import FederationConfig
 
     config = FederationConfig.from_run_config({"num-rounds": "4", "strategy": "fedprox", "resume": "true"})
     assert config.num_rounds == 4 and config.resume is True
@@ -160,11 +160,11 @@ def test_run_config_is_typed_and_refuses_unknown_keys():
 def test_the_flower_app_config_in_pyproject_is_a_valid_federation_config():
     from pathlib import Path
 
-    from server.federation import FederationConfig
+    from server.federation.run import FederationConfig
 
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     config = FederationConfig.from_run_config(pyproject["tool"]["flwr"]["app"]["config"])
     assert config.dataset == "digits" and config.weight_decay == 5e-4 and config.distill_method == ""
-    assert pyproject["tool"]["flwr"]["app"]["components"]["serverapp"] == "server.server_app:app"
+    assert pyproject["tool"]["flwr"]["app"]["components"]["serverapp"] == "server.federation.server_app:app"

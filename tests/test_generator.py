@@ -10,7 +10,7 @@ import torch
 from common.artifacts import load_distilled_set
 from common.datasets import DatasetInfo
 from common.errors import ArtifactError, ConfigError
-from server.gan import (
+from server.methods.gan import (
     ACDiscriminator,
     ConditionalGenerator,
     GeneratorSampler,
@@ -21,8 +21,8 @@ from server.gan import (
     save_generator,
     to_unit,
 )
-from server.generator import CHECKPOINT_FILE, GeneratorConfig, GeneratorTrainer, layer_choice, train_generator
-from server.registry import make_task
+from server.methods.generator import CHECKPOINT_FILE, GeneratorConfig, GeneratorTrainer, layer_choice, train_generator
+from server.methods.registry import make_task
 
 TINY = dict(width=16, batch_size=32, match_batch=16, log_every=2, checkpoint_every=0)
 
@@ -131,7 +131,7 @@ def test_interrupted_run_resumes_exactly_across_the_stage_boundary(digits, tmp_p
 
 
 def test_time_limit_stops_early_with_a_note(digits):
-    from server.generator import _summary
+    from server.methods.generator import _summary
 
     trainer = train_generator(make_task(digits, 1, progress=False), GeneratorConfig(**TINY, time_limit=0.2))
     summary = _summary(trainer)

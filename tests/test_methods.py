@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from common.errors import ConfigError
-from server.coreset import herding_order, kcenter_order
-from server.registry import distill, get_method, list_methods, make_task
+from server.methods.coreset import herding_order, kcenter_order
+from server.methods.registry import distill, get_method, list_methods, make_task
 
 
 def test_registry_holds_the_baselines_and_refuses_unknown_names_and_options():

@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from server.federation import FederationConfig  # noqa: E402
+from server.federation.run import FederationConfig  # noqa: E402
 from simulations.simulate import run_simulated_fleet  # noqa: E402
 
 

@@ -28,7 +28,7 @@ from common.datasets import DatasetInfo
 from common.errors import ConfigError
 from common.modelio import load_model
 from common.runtime import derive_seed, make_generator
-from server.registry import DistillTask
+from server.methods.registry import DistillTask
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
 
 
 class DKKTLoss:
-    """The DKKT term (an :class:`~server.synthesis.Objective`) against a frozen trained model."""
+    """The DKKT term (an :class:`~server.methods.pixel_loop.Objective`) against a frozen trained model."""
 
     name = "dkkt"
 

@@ -23,7 +23,7 @@ import torch
 from common.artifacts import save_distilled_set, update_manifest
 from common.datasets import Dataset
 from common.evaluation import EvalConfig, evaluate_set
-from server.registry import coerce_option, distill, get_method, make_task
+from server.methods.registry import coerce_option, distill, get_method, make_task
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,20 @@
-"""Crash-safe checkpoints for long server jobs (distillation loops)."""
+"""Crash-safe checkpoints for long jobs (distillation loops, the federated run).
+
+One place for the file format and the same-job check, so the methods and the federation
+cannot drift apart; what identifies a *distillation* job lives with the method registry.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from common.errors import ArtifactError
 from common.fileio import atomic_write_bytes
-
-if TYPE_CHECKING:
-    from server.registry import DistillTask
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -43,21 +44,3 @@ def load_checkpoint(path: Path, expect: dict[str, Any]) -> dict[str, Any]:
 def identity_options(config: Any, ignore: tuple[str, ...]) -> dict[str, Any]:
     """A method config's options that change its result (``ignore``: budgets, resume, logging)."""
     return {k: v for k, v in dataclasses.asdict(config).items() if k not in ignore}
-
-
-def job_identity(
-    method: str, task: DistillTask, config: Any, ignore: tuple[str, ...], with_counts: bool = True
-) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: the method, its options, the data, the seed
-    (and the per-class counts for methods whose state depends on them)."""
-    identity = {
-        "method": method,
-        "options": identity_options(config, ignore),
-        "seed": task.seed,
-        "dataset": task.dataset_spec,
-        "real_indices_sum": int(task.real_indices.sum()),
-        "real_count": int(len(task.real_indices)),
-    }
-    if with_counts:
-        identity["counts"] = {int(c): int(n) for c, n in task.counts.items()}
-    return identity

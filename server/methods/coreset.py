@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from common.errors import ConfigError
 from common.models import build_model
 from common.runtime import derive_seed, make_generator
-from server.registry import DistillTask, MethodOutput, register_method
+from server.methods.registry import DistillTask, MethodOutput, register_method
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ from common.augment import DEFAULT_STRATEGY, DSA, strategy_for_dataset
 from common.errors import ConfigError
 from common.models import build_model
 from common.runtime import derive_seed, make_generator
-from server import checkpoint
-from server.registry import DistillTask, MethodOutput, register_method
-from server.synthesis import LoopSettings, optimise_pixels, slices_of
+from server.methods.pixel_loop import LoopSettings, optimise_pixels, slices_of
+from server.methods.registry import DistillTask, MethodOutput, register_method
+from server.methods.registry import job_identity as task_job_identity
 
 CHECKPOINT_FILE = "dm-checkpoint.pt"  # written by the shared loop as f"{label}-checkpoint.pt"
 NON_IDENTITY_OPTIONS = ("resume", "iterations", "checkpoint_every", "time_limit")
@@ -73,7 +73,7 @@ def initial_images(task: DistillTask, init: str) -> tuple[torch.Tensor, torch.Te
 
 
 class DMLoss:
-    """The DM objective (an :class:`~server.synthesis.Objective`): one random network per iteration."""
+    """The DM objective (an :class:`~server.methods.pixel_loop.Objective`): one random network per iteration."""
 
     name = "dm"
 
@@ -145,7 +145,7 @@ class DMLoss:
 
 def job_identity(method: str, task: DistillTask, config) -> dict:
     """What a checkpoint of a pixel-optimising method must match to be resumed."""
-    return checkpoint.job_identity(method, task, config, NON_IDENTITY_OPTIONS)
+    return task_job_identity(method, task, config, NON_IDENTITY_OPTIONS)
 
 
 def loop_settings(config) -> LoopSettings:

@@ -21,9 +21,9 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
+from common.checkpoint import load_checkpoint, save_checkpoint
 from common.errors import ConfigError
-from server.checkpoint import load_checkpoint, save_checkpoint
-from server.registry import DistillTask
+from server.methods.registry import DistillTask
 
 
 class Objective(Protocol):

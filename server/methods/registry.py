@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from common.artifacts import DistilledSet
+from common.checkpoint import identity_options
 from common.config import from_text
 from common.datasets import Dataset, DatasetInfo, Split
 from common.errors import ConfigError
@@ -41,6 +42,24 @@ class DistillTask:
 
     def real_of_class(self, c: int) -> torch.Tensor:
         return torch.nonzero(self.real.labels == c, as_tuple=True)[0]
+
+
+def job_identity(
+    method: str, task: DistillTask, config: Any, ignore: tuple[str, ...], with_counts: bool = True
+) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the method, its options, the data, the seed
+    (and the per-class counts for methods whose state depends on them)."""
+    identity = {
+        "method": method,
+        "options": identity_options(config, ignore),
+        "seed": task.seed,
+        "dataset": task.dataset_spec,
+        "real_indices_sum": int(task.real_indices.sum()),
+        "real_count": int(len(task.real_indices)),
+    }
+    if with_counts:
+        identity["counts"] = {int(c): int(n) for c, n in task.counts.items()}
+    return identity
 
 
 @dataclass
@@ -80,21 +99,11 @@ def register_method(name: str, config_cls: type, description: str = "", quick: d
     return decorator
 
 
-def _load_builtin_methods() -> None:
-    # Importing a methods module registers its methods.
-    import server.coreset  # noqa: F401
-    import server.dm  # noqa: F401
-    import server.dsv  # noqa: F401
-    import server.generator  # noqa: F401
-
-
 def get_method(name: str) -> MethodSpec:
-    _load_builtin_methods()
     return METHODS.get(name)
 
 
 def list_methods() -> list[str]:
-    _load_builtin_methods()
     return METHODS.names()
 
 

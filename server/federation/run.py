@@ -22,6 +22,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
+from common.checkpoint import load_checkpoint, save_checkpoint
 from common.config import from_text
 from common.datasets import load_dataset
 from common.errors import ConfigError
@@ -31,9 +32,8 @@ from common.models import build_model
 from common.runtime import derive_seed
 from common.training import evaluate_model
 from edge_client.task import ClientTaskConfig
-from server.checkpoint import load_checkpoint, save_checkpoint
-from server.rounds import distill_and_evaluate
-from server.strategy import RobustFedAvg, RobustFedProx
+from server.federation.rounds import distill_and_evaluate
+from server.federation.strategy import RobustFedAvg, RobustFedProx
 
 log = logging.getLogger("edgedistill.server")
 CHECKPOINT_FILE = "federation-checkpoint.pt"
@@ -79,8 +79,8 @@ class FederationConfig(ClientTaskConfig):
 
     def round_plan(self):
         """The server distillation round's plan (``distill_*`` keys of the run config)."""
-        from server.registry import get_method, parse_options
-        from server.rounds import RoundPlan
+        from server.federation.rounds import RoundPlan
+        from server.methods.registry import get_method, parse_options
 
         get_method(self.distill_method)
         return RoundPlan(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.federation import FederationConfig, run_federation
+from server.federation.run import FederationConfig, run_federation
 
 app = ServerApp()
 

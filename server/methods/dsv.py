@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from common.datasets import load_dataset
 from common.errors import ConfigError
 from common.runtime import derive_seed, make_generator
-from server.dkkt import DKKTLoss, DKKTOptions
-from server.dm import DMConfig, DMLoss, dm_optimizer, initial_images, job_identity, loop_settings, run_dm
-from server.registry import DistillTask, MethodOutput, register_method
-from server.synthesis import optimise_pixels
+from server.methods.dkkt import DKKTLoss, DKKTOptions
+from server.methods.dm import DMConfig, DMLoss, dm_optimizer, initial_images, job_identity, loop_settings, run_dm
+from server.methods.pixel_loop import optimise_pixels
+from server.methods.registry import DistillTask, MethodOutput, register_method
 
 
 @dataclass(frozen=True)

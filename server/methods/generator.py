@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from common.checkpoint import load_checkpoint, save_checkpoint
 from common.errors import ConfigError
 from common.models import build_model, list_models
 from common.runtime import derive_seed, make_generator
-from server.checkpoint import job_identity, load_checkpoint, save_checkpoint
-from server.gan import (
+from server.methods.gan import (
     ACDiscriminator,
     ConditionalGenerator,
     GeneratorShape,
@@ -45,7 +45,7 @@ from server.gan import (
     save_generator,
     to_unit,
 )
-from server.registry import DistillTask, MethodOutput, register_method
+from server.methods.registry import DistillTask, MethodOutput, job_identity, register_method
 
 CHECKPOINT_FILE = "generator-checkpoint.pt"
 NON_IDENTITY_OPTIONS = ("resume", "checkpoint_every", "log_every", "time_limit")
