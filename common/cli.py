@@ -16,6 +16,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("server.commands", "distill a synthetic training set with a registered method"),
     "generate": ("server.commands", "sample a distilled set of any ipc / per-class counts from a trained generator"),
+    "allocate": ("server.commands", "class-adaptive images per class: K-means diversity of each class -> counts"),
     "evaluate": ("common.commands", "train fresh networks on an artifact and test on real data"),
     "train": ("common.commands", "train a model centrally (a global model for the DKKT methods)"),
     "simulate": ("simulations.simulate", "run a simulated edge fleet (Flower + Ray): FedAvg + server rounds"),

@@ -2,7 +2,10 @@
 
 ``train``: load the global weights, train on the node's private data, reply with the model's
 weights (an ArrayRecord) and scalar metrics (a MetricRecord) — nothing else leaves the device:
-no images, no labels, no per-class counts. ``evaluate``: accuracy on the node's held-out data.
+no images, no labels, no per-class counts. Only when the server asks (``diversity-stats``), the
+reply adds the ``diversity`` MetricRecord of :mod:`common.diversity`: per-class image counts and
+K-means curves of the device's data embedded by the global model it received (numbers only; the
+README says what they reveal). ``evaluate``: accuracy on the node's held-out data.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from common import diversity
 from common.models import build_model
 from common.runtime import derive_seed, make_generator
 from common.training import evaluate_model, train_local
@@ -37,6 +41,7 @@ def train(msg: Message, context: Context) -> Message:
     who = context.node_config.get("partition-id", context.node_id)
     generator = make_generator(derive_seed("client", task.seed, server_round, who))
     torch.manual_seed(derive_seed("client-torch", task.seed, server_round, who))
+    stats = _diversity_record(model, data, task) if task.diversity_stats else None
     metrics = train_local(model, data.train.images, data.train.labels, task.local_train(), generator)
     reply = RecordDict(
         {
@@ -44,7 +49,18 @@ def train(msg: Message, context: Context) -> Message:
             "metrics": MetricRecord({**metrics, "num-examples": len(data.train)}),
         }
     )
+    if stats is not None:
+        reply[diversity.RECORD_NAME] = MetricRecord(stats)
     return Message(content=reply, reply_to=msg)
+
+
+def _diversity_record(model: torch.nn.Module, data, task: ClientTaskConfig) -> dict:
+    """Per-class K-means statistics of the private data under the received global model."""
+    features = diversity.embed(model, data.train.images)
+    stats = diversity.statistics_per_class(
+        features, data.train.labels, data.dataset.info.num_classes, task.diversity_k_max, task.seed
+    )
+    return diversity.to_record(stats)
 
 
 @app.evaluate()

@@ -41,6 +41,8 @@ class ClientTaskConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     proximal_mu: float = 0.0
+    diversity_stats: bool = False  # also reply with per-class K-means statistics (common/diversity.py)
+    diversity_k_max: int = 6
 
     def to_record(self) -> dict:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}

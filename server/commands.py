@@ -1,4 +1,4 @@
-"""CLI subcommands of the server: ``distill``."""
+"""CLI subcommands of the server: ``distill``, ``generate`` and ``allocate``."""
 
 from __future__ import annotations
 
@@ -49,6 +49,38 @@ def _add_method_options(parser: argparse.ArgumentParser, method: str) -> None:
             )
 
 
+def add_allocation_arguments(parser: argparse.ArgumentParser, with_switch: bool = True) -> None:
+    """The class-adaptive budget flags, shared by ``distill``, ``generate`` and ``allocate``."""
+    from server.methods.allocation import ALLOCATIONS, CRITERIA, AllocationConfig
+
+    group = parser.add_argument_group("class-adaptive images per class (the same total budget, split by diversity)")
+    if with_switch:
+        group.add_argument("--allocation", choices=ALLOCATIONS, default="fixed", help="per-class counts")
+    group.add_argument(
+        "--allocation-model",
+        default="",
+        help="trained model directory to embed with (default: the method's --global-model, else a ConvNet "
+        "trained on the visible images)",
+    )
+    group.add_argument("--allocation-criterion", choices=CRITERIA, default=AllocationConfig.criterion)
+    group.add_argument("--allocation-k-max", type=int, default=AllocationConfig.k_max, help="largest k tried")
+    group.add_argument(
+        "--allocation-min", type=int, default=AllocationConfig.min_per_class, help="images per class at least"
+    )
+
+
+def allocation_config(args: argparse.Namespace, fallback_model: str = ""):
+    from server.methods.allocation import AllocationConfig
+
+    return AllocationConfig(
+        criterion=args.allocation_criterion,
+        k_max=args.allocation_k_max,
+        min_per_class=args.allocation_min,
+        model=args.allocation_model or fallback_model,
+        seed=args.seed,
+    )
+
+
 def distill_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     from server.methods.registry import list_methods
 
@@ -62,6 +94,7 @@ def distill_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--evaluate", action="store_true", help="evaluate the artifact right after writing it")
+    add_allocation_arguments(parser)
     add_data_arguments(parser)
     add_eval_arguments(
         parser,
@@ -98,6 +131,11 @@ def distill_main(args: argparse.Namespace) -> int:
     options = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
     if args.quick:  # explicit options win over the preset
         options = {**get_method(args.method).quick, **options}
+    if args.allocation == "adaptive":
+        from server.methods.allocation import allocate_task, allocation_table
+
+        task, allocation = allocate_task(task, allocation_config(args, str(options.get("global_model", ""))))
+        print(allocation_table(allocation, data.info.class_names))
     started = time.perf_counter()
     dset = distill(args.method, task, options)
     dset.manifest["distill_seconds"] = round(time.perf_counter() - started, 2)
@@ -135,6 +173,7 @@ def generate_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None
         help="with --evaluate, also DiM's protocol: fresh samples every epoch, best test epoch (reported separately)",
     )
     parser.add_argument("--no-progress", action="store_true")
+    add_allocation_arguments(parser)
     add_data_arguments(parser)
     add_eval_arguments(parser)
 
@@ -180,6 +219,9 @@ def generate_main(args: argparse.Namespace) -> int:
         counts = read_per_class(args.per_class, info.num_classes)
     else:
         counts = parse_counts(args.ipc, info.num_classes)
+    allocation = None
+    if args.allocation == "adaptive":
+        counts, allocation = _generator_allocation(meta, counts, args, device)
     started = time.perf_counter()
     images, labels = sample(generator, counts, args.seed, info, device)
     manifest = {
@@ -190,6 +232,7 @@ def generate_main(args: argparse.Namespace) -> int:
         "pipc": meta.get("pipc"),
         "dataset_spec": meta.get("dataset_spec", info.name),
         "generate_seconds": round(time.perf_counter() - started, 3),
+        "allocation": allocation or {"allocation": "fixed"},
     }
     save_distilled_set(out, DistilledSet(images, labels, info, "generator", manifest), overwrite=args.overwrite)
     print(f"wrote {out}: {len(labels)} images from the generator ({info.name}, seed {args.seed})")
@@ -202,6 +245,19 @@ def generate_main(args: argparse.Namespace) -> int:
     if args.dim_protocol:
         evaluate_dim_protocol(generator, info, meta, counts, args, out)
     return code
+
+
+def _generator_allocation(meta: dict, counts: dict[int, int], args: argparse.Namespace, device):
+    """Class-adaptive counts for a generator: measured on the real images its training saw."""
+    from common.datasets import load_dataset
+    from server.methods.allocation import allocate_task, allocation_table
+    from server.methods.registry import make_task
+
+    data = load_dataset(meta.get("dataset_spec", ""), data_root=args.data_root, download=args.download)
+    task = make_task(data, counts, meta.get("pipc"), seed=int(meta.get("seed", 0)), device=device)
+    task, allocation = allocate_task(task, allocation_config(args))
+    print(allocation_table(allocation, data.info.class_names))
+    return task.counts, task.allocation
 
 
 def evaluate_dim_protocol(generator, info, meta, counts, args, out: Path) -> list[dict]:
@@ -232,3 +288,55 @@ def evaluate_dim_protocol(generator, info, meta, counts, args, out: Path) -> lis
         results.append(result.to_dict())
     update_manifest(out, evaluation_dim_protocol={r["arch"]: r for r in results})
     return results
+
+
+# ------------------------------------------------------------------------------ allocate
+def allocate_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    parser.add_argument("--dataset", default="digits", help="registry name, npz:PATH or imagefolder:PATH")
+    parser.add_argument("--ipc", type=int, default=10, help="images per class: the budget is ipc x classes")
+    parser.add_argument("--pipc", default="all", help="real images per class to measure (int or 'all')")
+    parser.add_argument("--model", dest="allocation_model", default="", help="trained model directory to embed with")
+    parser.add_argument("--out", default="", help="directory for allocation.json and embedding.png")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    add_allocation_arguments(parser, with_switch=False)
+    add_data_arguments(parser)
+
+
+def allocate_main(args: argparse.Namespace) -> int:
+    from common.datasets import load_dataset
+    from common.fileio import atomic_write_json
+    from common.runtime import resolve_device, seed_everything
+    from server.methods.allocation import (
+        allocation_of_features,
+        allocation_table,
+        class_embeddings,
+        save_embedding_picture,
+    )
+    from server.methods.registry import make_task
+
+    if args.ipc < 1:
+        from common.errors import ConfigError
+
+        raise ConfigError(f"--ipc {args.ipc}: use a positive integer")
+    seed_everything(args.seed)
+    data = load_dataset(args.dataset, data_root=args.data_root, download=args.download)
+    task = make_task(data, args.ipc, args.pipc, seed=args.seed, device=resolve_device(args.device))
+    config = allocation_config(args)
+    features, description = class_embeddings(task, config)
+    allocation = allocation_of_features(task, features, config)
+    allocation.embedding_model = description
+    print(allocation_table(allocation, data.info.class_names))
+    print(f"budget {sum(allocation.counts.values())} = ipc {args.ipc} x {data.info.num_classes} classes; "
+          f"criterion {config.criterion}; embedded with {description}")
+    if args.out:
+        out = Path(args.out)
+        record = {"dataset": args.dataset, "ipc": args.ipc, "pipc": task.pipc, "seed": args.seed}
+        record.update(allocation.to_dict())
+        atomic_write_json(out / "allocation.json", record)
+        save_embedding_picture(
+            out / "embedding.png", features, task.real.labels.numpy(), allocation.chosen_k, args.seed,
+            title=f"{data.info.name}: class embeddings (colour: class, marker: K-means cluster)",
+        )
+        print(f"wrote {out / 'allocation.json'} (use it with 'generate --per-class') and {out / 'embedding.png'}")
+    return 0

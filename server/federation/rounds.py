@@ -22,8 +22,9 @@ import torch
 
 from common.artifacts import save_distilled_set, update_manifest
 from common.datasets import Dataset
+from common.errors import ConfigError
 from common.evaluation import EvalConfig, evaluate_set
-from server.methods.registry import coerce_option, distill, get_method, make_task
+from server.methods.registry import DistillTask, coerce_option, distill, get_method, make_task
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class RoundPlan:
     seed: int = 0
     device: str = "auto"
     progress: bool = False
+    allocation: str = "fixed"  # fixed | adaptive (K-means on the public subset) | federated (device statistics)
+    allocation_k_max: int = 6
 
 
 def method_options(plan: RoundPlan, global_model: Path | None) -> dict[str, Any]:
@@ -65,8 +68,13 @@ def distill_and_evaluate(
     out: Path,
     global_model: Path | None = None,
     labels: dict[str, Any] | None = None,
+    device_statistics=None,
 ) -> dict[str, Any]:
-    """Distill with ``plan.method``, write the artifact to ``out``, evaluate it; returns its metrics."""
+    """Distill with ``plan.method``, write the artifact to ``out``, evaluate it; returns its metrics.
+
+    ``device_statistics``: merged class statistics of the edge devices, used by the ``federated``
+    allocation (see :mod:`server.methods.allocation`).
+    """
     from common.runtime import resolve_device
 
     device = resolve_device(plan.device)
@@ -80,6 +88,7 @@ def distill_and_evaluate(
         progress=plan.progress,
         workdir=out.with_name(out.name + ".work"),
     )
+    task = apply_allocation(task, plan, global_model, device_statistics)
     started = time.perf_counter()
     dset = distill(plan.method, task, method_options(plan, global_model))
     seconds = time.perf_counter() - started
@@ -119,10 +128,30 @@ def distill_and_evaluate(
         "distill_seconds": round(seconds, 2),
         "eval_seconds": round(result.seconds, 2),
         "stopped_early": dset.manifest.get("stopped_early"),
+        "counts": {str(c): n for c, n in task.counts.items()},
         "global_model_sha256": model_meta.get("sha256"),
         "device": str(device),
         "threads": torch.get_num_threads(),
     }
+
+
+def apply_allocation(task: DistillTask, plan: RoundPlan, global_model: Path | None, device_statistics=None):
+    """The task with the plan's per-class counts: fixed, adaptive (server data) or federated (devices)."""
+    from server.methods.allocation import AllocationConfig, allocate_from_statistics, allocate_task, with_allocation
+
+    if plan.allocation == "fixed":
+        return task
+    config = AllocationConfig(k_max=plan.allocation_k_max, model=str(global_model or ""), seed=plan.seed)
+    if plan.allocation == "adaptive":
+        return allocate_task(task, config)[0]
+    if plan.allocation != "federated":
+        raise ConfigError(f"allocation {plan.allocation!r}: use fixed, adaptive or federated")
+    if not device_statistics:
+        raise ConfigError("the federated allocation needs the devices' class statistics (diversity-stats = true)")
+    caps = [len(task.real_of_class(c)) for c in range(task.info.num_classes)]
+    budget = sum(task.counts.values())
+    allocation = allocate_from_statistics(device_statistics, budget, config, caps, source="federated")
+    return with_allocation(task, allocation)
 
 
 def _model_meta(path: Path | None) -> dict:

@@ -66,6 +66,7 @@ class FederationConfig(ClientTaskConfig):
     distill_iterations: int = 200
     distill_time_limit: float = 600.0  # seconds; a round's distillation stops early past it
     distill_options: str = ""  # more method options, "name=value,name=value"
+    distill_allocation: str = "fixed"  # fixed | adaptive (K-means on the public subset) | federated (device statistics)
     distill_eval_runs: int = 2
     distill_eval_epochs: int = 300
 
@@ -74,6 +75,8 @@ class FederationConfig(ClientTaskConfig):
             raise ConfigError("num-rounds and min-valid-replies must be >= 1 and max-update-norm > 0")
         if self.strategy not in ("fedavg", "fedprox"):
             raise ConfigError(f"strategy {self.strategy!r}: use fedavg or fedprox")
+        if self.distill_allocation not in ("fixed", "adaptive", "federated"):
+            raise ConfigError(f"distill-allocation {self.distill_allocation!r}: use fixed, adaptive or federated")
         if self.distill_method:
             self.round_plan()  # unknown methods and options fail before the first round, not after it
 
@@ -93,6 +96,8 @@ class FederationConfig(ClientTaskConfig):
             eval_runs=self.distill_eval_runs,
             eval_epochs=self.distill_eval_epochs,
             seed=self.seed,
+            allocation=self.distill_allocation,
+            allocation_k_max=self.diversity_k_max,
         )
 
     @classmethod
@@ -112,7 +117,13 @@ class FederationConfig(ClientTaskConfig):
 
     def client_task(self) -> ClientTaskConfig:
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(ClientTaskConfig)}
-        return ClientTaskConfig(**{**shared, "proximal_mu": self.proximal_mu if self.strategy == "fedprox" else 0.0})
+        return ClientTaskConfig(
+            **{
+                **shared,
+                "proximal_mu": self.proximal_mu if self.strategy == "fedprox" else 0.0,
+                "diversity_stats": self.diversity_stats or self.distill_allocation == "federated",
+            }
+        )
 
 
 @dataclass
@@ -122,8 +133,10 @@ class FederationResult:
     out_dir: Path
 
 
-def make_strategy(config: FederationConfig):
+def make_strategy(config: FederationConfig, num_classes: int):
+    task = config.client_task()
     common = dict(
+        diversity_shape=(num_classes, task.diversity_k_max) if task.diversity_stats else None,
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
         min_train_nodes=min(config.min_train_nodes, config.min_available_nodes),
@@ -169,7 +182,7 @@ def run_federation(
     if remaining <= 0:
         return FederationResult(history, done, out)
 
-    strategy = make_strategy(config)
+    strategy = make_strategy(config, info.num_classes)
     started = time.perf_counter()
 
     def evaluate_fn(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -197,7 +210,11 @@ def run_federation(
             save_checkpoint(ckpt, state)
             last = server_round == config.num_rounds
             if last or (config.distill_every and server_round % config.distill_every == 0):
-                record.update(server_distillation_round(model, data, config, server_round, out, accuracy))
+                record.update(
+                    server_distillation_round(
+                        model, data, config, server_round, out, accuracy, strategy.latest_diversity
+                    )
+                )
                 save_checkpoint(ckpt, state)  # again, now with the distillation metrics in the history
         write_metrics(out, history, config)
         if on_round is not None:
@@ -217,9 +234,12 @@ def run_federation(
 
 
 def server_distillation_round(
-    model, data, config: FederationConfig, server_round: int, out: Path, accuracy: float
+    model, data, config: FederationConfig, server_round: int, out: Path, accuracy: float, device_statistics=None
 ) -> dict:
     """The hook after aggregation: save the global model; with ``distill_method``, distill and evaluate.
+
+    ``device_statistics``: the devices' merged class statistics of this round, for the
+    ``federated`` allocation (computed with the global model the devices received this round).
 
     Returns the round's distillation metrics for the history (empty when only the model is saved).
     """
@@ -245,7 +265,9 @@ def server_distillation_round(
     )
     artifact = out / "distilled" / f"round-{server_round:04d}-{plan.method}"
     labels = {"round": server_round, "global_model_accuracy": accuracy, "federation_out": str(out)}
-    result = distill_and_evaluate(data, plan, artifact, global_model=target, labels=labels)
+    result = distill_and_evaluate(
+        data, plan, artifact, global_model=target, labels=labels, device_statistics=device_statistics
+    )
     assert result["global_model_sha256"] == digest
     return {
         "distill_method": plan.method,
@@ -254,6 +276,7 @@ def server_distillation_round(
         "distill_seconds": result["distill_seconds"],
         "distilled_artifact": result["artifact"],
         "distill_stopped_early": result["stopped_early"],
+        "distill_counts": result["counts"],
     }
 
 

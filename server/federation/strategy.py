@@ -1,7 +1,9 @@
 """Robust aggregation: FedAvg / FedProx that drop malformed or hostile client updates.
 
 A reply is dropped, with a warning naming the node, when it carries an error (drop-out,
-timeout, crash), lacks its records, has arrays whose names / shapes / dtypes differ from the
+timeout, crash), carries other records than ``arrays`` + ``metrics`` (+ ``diversity`` when the
+server asked for class statistics, which must then parse as :func:`common.diversity.from_record`
+says), has arrays whose names / shapes / dtypes differ from the
 global model's, contains NaN or Inf, claims a non-positive or non-finite example count, or
 moves the model further than ``max_update_norm`` (L2 norm of reply - global). The round then
 aggregates the rest; with fewer than ``min_valid_replies`` left it fails with a clear error
@@ -19,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 
+from common import diversity
 from common.errors import EdgeDistillError
 
 log = logging.getLogger("edgedistill.server")
@@ -28,13 +31,18 @@ class FederationError(EdgeDistillError):
     """A round cannot produce a trustworthy global model."""
 
 
-def inspect_reply(msg: Message, reference: dict[str, np.ndarray], max_update_norm: float) -> str | None:
+def inspect_reply(
+    msg: Message, reference: dict[str, np.ndarray], max_update_norm: float, with_diversity: bool = False
+) -> str | None:
     """Why this training reply must be dropped, or None if it is acceptable."""
     if msg.has_error():
         return f"client error: {msg.error.reason}"
     content = msg.content
-    if "arrays" not in content.array_records or "metrics" not in content.metric_records:
-        return "reply lacks its 'arrays' or 'metrics' record"
+    expected = {"arrays", "metrics"} | ({diversity.RECORD_NAME} if with_diversity else set())
+    if set(content.keys()) != expected or "arrays" not in content.array_records:
+        return f"reply records {sorted(content.keys())}, expected {sorted(expected)}"
+    if any(name not in content.metric_records for name in expected - {"arrays"}):
+        return "reply records have the wrong types"
     metrics = content.metric_records["metrics"]
     examples = metrics.get("num-examples")
     if not isinstance(examples, (int, float)) or not math.isfinite(examples) or examples <= 0:
@@ -68,10 +76,19 @@ def _reply_order_key(msg: Message) -> tuple[float, float]:
 class RobustAggregationMixin:
     """Validates training replies before the parent strategy aggregates them."""
 
-    def __init__(self, *args, max_update_norm: float = 1e3, min_valid_replies: int = 1, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        max_update_norm: float = 1e3,
+        min_valid_replies: int = 1,
+        diversity_shape: tuple[int, int] | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.max_update_norm = max_update_norm
         self.min_valid_replies = min_valid_replies
+        self.diversity_shape = diversity_shape  # (classes, k_max) when devices send class statistics
+        self.latest_diversity: list[diversity.ClassStatistics] | None = None  # merged, last round
         self._reference: dict[str, np.ndarray] = {}
         self.round_log: dict[int, dict] = {}
 
@@ -87,9 +104,12 @@ class RobustAggregationMixin:
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        valid, dropped = [], []
+        valid, dropped, device_stats = [], [], []
         for msg in replies:
-            problem = inspect_reply(msg, self._reference, self.max_update_norm)
+            problem = inspect_reply(msg, self._reference, self.max_update_norm, self.diversity_shape is not None)
+            if problem is None and self.diversity_shape is not None:
+                problem, stats = self._class_statistics(msg)
+                device_stats.append(stats)
             if problem is None:
                 valid.append(msg)
             else:
@@ -103,9 +123,24 @@ class RobustAggregationMixin:
                 f"(min-valid-replies is {self.min_valid_replies}); the global model was not updated. "
                 "Check the clients' logs, or lower min-valid-replies"
             )
+        if self.diversity_shape is not None:
+            stats = [s for s in device_stats if s is not None]
+            self.latest_diversity = diversity.merge(stats)
+            self.round_log[server_round]["diversity_devices"] = len(stats)
         # replies arrive in any order; a fixed order makes the float sums, and so runs, repeatable
         valid.sort(key=_reply_order_key)
         return super().aggregate_train(server_round, valid)
+
+    def _class_statistics(self, msg: Message) -> tuple[str | None, list[diversity.ClassStatistics] | None]:
+        """Parse (and take out of the reply, so Flower sees only its own records) the class statistics."""
+        classes, k_max = self.diversity_shape
+        examples = int(msg.content.metric_records["metrics"]["num-examples"])
+        try:
+            stats = diversity.from_record(msg.content[diversity.RECORD_NAME], classes, k_max, examples)
+        except ValueError as exc:
+            return str(exc), None
+        del msg.content[diversity.RECORD_NAME]
+        return None, stats
 
 
 class RobustFedAvg(RobustAggregationMixin, FedAvg):

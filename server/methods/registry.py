@@ -39,6 +39,7 @@ class DistillTask:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: bool = True
     workdir: Path | None = None  # where a method may keep checkpoints
+    allocation: dict[str, Any] | None = None  # how class-adaptive counts were chosen (None: fixed ipc)
 
     def real_of_class(self, c: int) -> torch.Tensor:
         return torch.nonzero(self.real.labels == c, as_tuple=True)[0]
@@ -188,6 +189,7 @@ def distill(name: str, task: DistillTask, options: dict[str, Any] | Any = None) 
         "dataset_spec": task.dataset_spec or task.info.name,
         "pipc": task.pipc,
         "real_images_seen": int(len(task.real)),
+        "allocation": task.allocation or {"allocation": "fixed"},
         **out.extra,
     }
     return DistilledSet(
