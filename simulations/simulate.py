@@ -60,6 +60,13 @@ def simulate_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None
         help="an option of the --distill method, e.g. w_kkt=100 (repeatable)",
     )
     parser.add_argument(
+        "--distill-allocation",
+        default="fixed",
+        choices=["fixed", "adaptive", "federated"],
+        help="per-class counts of server rounds: fixed ipc, adaptive (K-means on the public subset), "
+        "federated (K-means statistics from the devices)",
+    )
+    parser.add_argument(
         "--compare",
         default="random,herding,dm,dsv,dm+dkkt",
         help="methods run once after the last round on the same ipc/pipc for the summary table ('' for none)",
@@ -107,6 +114,7 @@ def config_from_args(args: argparse.Namespace):
         distill_options=",".join(args.distill_option),
         distill_eval_runs=args.eval_runs,
         distill_eval_epochs=args.eval_epochs,
+        distill_allocation=args.distill_allocation,
     )
 
 
@@ -198,6 +206,10 @@ def compare_methods(config, history: list[dict], methods: list[str]) -> str:
     out = Path(config.out_dir)
     final = history[-1]
     plan = config.round_plan()
+    if plan.allocation == "federated" and "distill_counts" in final:
+        # the devices' statistics are gone after the run: compare on the counts the last round used
+        counts = ",".join(f"{c}:{n}" for c, n in final["distill_counts"].items())
+        plan = replace(plan, ipc=counts, allocation="fixed")
     data = load_dataset(config.dataset, data_root=config.data_root or None)
     rows = [(f"global model (FedAvg, {final['round']} rounds)", "-", f"{100 * final['accuracy']:.2f}", "-")]
     results = []

@@ -51,6 +51,7 @@ def test_server_distillation_rounds_inside_a_simulation_and_the_summary_table(tm
     args = ["simulate", "--clients", "3", "--rounds", "2", "--pipc", "10", "--out", str(out), "--lr", "0.05"]
     args += ["--distill", "dm+dkkt", "--distill-every", "1", "--ipc", "2", "--iterations", "3"]
     args += ["--distill-option", "batch_real=8", "--compare", "random,dsv", "--eval-runs", "1", "--eval-epochs", "5"]
+    args += ["--distill-allocation", "federated"]  # per-class counts from the devices' K-means statistics
     assert main(args) == 0
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert [h["round"] for h in history] == [0, 1, 2]
@@ -63,6 +64,12 @@ def test_server_distillation_rounds_inside_a_simulation_and_the_summary_table(tm
         assert manifest["real_images_seen"] == 100  # pipc 10 x 10 classes, never more
         assert 0.0 <= record["distilled_accuracy"] <= 1.0
         assert len(load_distilled_set(artifact)) == 20
+        assert record["diversity_devices"] == 3  # every device sent valid statistics
+        allocation = manifest["allocation"]
+        assert allocation["source"] == "federated" and sum(allocation["counts"].values()) == 20
+        assert record["distill_counts"] == allocation["counts"]
+        # merged over the 3 devices: every private training image of a class is counted
+        assert sum(allocation["images_per_class_measured"]) > 1000
     assert manifest["global_model_sha256"] == final_model["sha256"]  # the last round used the final model
     first = read_manifest(out / "distilled" / "round-0001-dm+dkkt")
     assert first["global_model_sha256"] != final_model["sha256"]  # ... and round 1 the model of round 1
