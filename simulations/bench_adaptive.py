@@ -26,7 +26,8 @@ from common.fileio import atomic_write_bytes
 from common.report import Cells, format_accuracy, markdown_table
 from common.runtime import resolve_device
 from server.methods.allocation import AllocationConfig, allocation_of_features, class_embeddings, with_allocation
-from server.methods.registry import coerce_option, distill, make_task
+from server.methods.registry import distill, make_task
+from simulations.bench_distill import method_options
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,15 +52,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def options_by_method(settings: list[str]) -> dict[str, dict]:
-    options: dict[str, dict] = {}
-    for item in settings:
-        key, value = item.split("=", 1)
-        method, name = key.split(".", 1)
-        options.setdefault(method, {})[name] = coerce_option(method, name, value)
-    return options
-
-
 class GeneratorCache:
     """One trained generator per dataset, sampled at each allocation's counts."""
 
@@ -81,8 +73,8 @@ def main(argv=None) -> int:
     config = eval_config_from_args(args)
     out = Path(args.out)
     cells = Cells(out / "cells.json")
-    options = options_by_method(args.set)
     methods = [m for m in args.methods.split(",") if m]
+    options = method_options(args.set, methods)
     criteria = [c for c in args.criteria.split(",") if c]
     generators = GeneratorCache(options.get("generator", {}))
     for dataset in [d for d in args.datasets.split(",") if d]:

@@ -42,3 +42,14 @@ def isolated_cache(tmp_path_factory, monkeypatch):
     """Tests never read or fill the user's real cache, and ignore a user's $EDGEDISTILL_DATA."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
     monkeypatch.delenv("EDGEDISTILL_DATA", raising=False)
+
+
+@pytest.fixture
+def server_task_identity():
+    """Flower stamps new messages with the identity of the running task; tests play the server."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

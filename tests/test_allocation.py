@@ -19,15 +19,7 @@ from server.methods.allocation import (
     proportional_counts,
 )
 
-
-@pytest.fixture(autouse=True)
-def server_task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("server_task_identity")  # tests play the server (conftest)
 
 
 def blobs(seed: int = 0, per_blob: int = 60, dim: int = 16) -> tuple[np.ndarray, np.ndarray]:

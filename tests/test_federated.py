@@ -12,16 +12,7 @@ from edge_client.client_app import evaluate, train
 from edge_client.task import ClientTaskConfig
 from server.federation.strategy import FederationError, RobustFedAvg
 
-
-@pytest.fixture(autouse=True)
-def server_task_identity():
-    """Flower stamps new messages with the identity of the running task; tests play the server."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("server_task_identity")  # tests play the server (conftest)
 
 
 def _train_message(state: dict, config: dict, node_id: int = 7) -> Message:
