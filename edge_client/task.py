@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from common.datasets import Dataset, Split, load_dataset
+from common.diversity import DEFAULT_K_MAX
 from common.errors import ConfigError
 from common.partition import partition_indices, split_train_holdout
 from common.subsets import parse_pipc
@@ -42,7 +43,7 @@ class ClientTaskConfig:
     weight_decay: float = 5e-4
     proximal_mu: float = 0.0
     diversity_stats: bool = False  # also reply with per-class K-means statistics (common/diversity.py)
-    diversity_k_max: int = 6
+    diversity_k_max: int = DEFAULT_K_MAX
 
     def to_record(self) -> dict:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -324,8 +324,7 @@ def allocate_main(args: argparse.Namespace) -> int:
     task = make_task(data, args.ipc, args.pipc, seed=args.seed, device=resolve_device(args.device))
     config = allocation_config(args)
     features, description = class_embeddings(task, config)
-    allocation = allocation_of_features(task, features, config)
-    allocation.embedding_model = description
+    allocation = allocation_of_features(task, features, config, description)
     print(allocation_table(allocation, data.info.class_names))
     print(f"budget {sum(allocation.counts.values())} = ipc {args.ipc} x {data.info.num_classes} classes; "
           f"criterion {config.criterion}; embedded with {description}")

@@ -87,8 +87,7 @@ def main(argv=None) -> int:
             allocation_config = AllocationConfig(criterion, args.k_max, model=args.allocation_model, seed=args.seed)
             if features is None:
                 features, described = class_embeddings(fixed, allocation_config)
-            allocation = allocation_of_features(fixed, features, allocation_config)
-            allocation.embedding_model = described
+            allocation = allocation_of_features(fixed, features, allocation_config, described)
             tasks[f"adaptive-{criterion}"] = with_allocation(fixed, allocation)
         for method in methods:
             for label, task in tasks.items():

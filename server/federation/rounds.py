@@ -22,6 +22,7 @@ import torch
 
 from common.artifacts import save_distilled_set, update_manifest
 from common.datasets import Dataset
+from common.diversity import DEFAULT_K_MAX
 from common.errors import ConfigError
 from common.evaluation import EvalConfig, evaluate_set
 from server.methods.registry import DistillTask, coerce_option, distill, get_method, make_task
@@ -44,7 +45,7 @@ class RoundPlan:
     device: str = "auto"
     progress: bool = False
     allocation: str = "fixed"  # fixed | adaptive (K-means on the public subset) | federated (device statistics)
-    allocation_k_max: int = 6
+    allocation_k_max: int = DEFAULT_K_MAX
 
 
 def method_options(plan: RoundPlan, global_model: Path | None) -> dict[str, Any]:
@@ -137,7 +138,7 @@ def distill_and_evaluate(
 
 def apply_allocation(task: DistillTask, plan: RoundPlan, global_model: Path | None, device_statistics=None):
     """The task with the plan's per-class counts: fixed, adaptive (server data) or federated (devices)."""
-    from server.methods.allocation import AllocationConfig, allocate_from_statistics, allocate_task, with_allocation
+    from server.methods.allocation import AllocationConfig, allocate_task, allocation_for_task, with_allocation
 
     if plan.allocation == "fixed":
         return task
@@ -148,10 +149,7 @@ def apply_allocation(task: DistillTask, plan: RoundPlan, global_model: Path | No
         raise ConfigError(f"allocation {plan.allocation!r}: use fixed, adaptive or federated")
     if not device_statistics:
         raise ConfigError("the federated allocation needs the devices' class statistics (diversity-stats = true)")
-    caps = [len(task.real_of_class(c)) for c in range(task.info.num_classes)]
-    budget = sum(task.counts.values())
-    allocation = allocate_from_statistics(device_statistics, budget, config, caps, source="federated")
-    return with_allocation(task, allocation)
+    return with_allocation(task, allocation_for_task(task, device_statistics, config, source="federated"))
 
 
 def _model_meta(path: Path | None) -> dict:

@@ -182,15 +182,26 @@ def class_embeddings(task: DistillTask, config: AllocationConfig) -> tuple[np.nd
 def allocate_task(task: DistillTask, config: AllocationConfig) -> tuple[DistillTask, Allocation]:
     """The task with class-adaptive counts (same total), computed on the images the task may see."""
     features, description = class_embeddings(task, config)
-    allocation = allocation_of_features(task, features, config)
-    allocation.embedding_model = description
+    allocation = allocation_of_features(task, features, config, description)
     return with_allocation(task, allocation), allocation
 
 
-def allocation_of_features(task: DistillTask, features: np.ndarray, config: AllocationConfig) -> Allocation:
+def allocation_of_features(
+    task: DistillTask, features: np.ndarray, config: AllocationConfig, embedding_model: str = ""
+) -> Allocation:
+    """The allocation of ``task``'s budget from embeddings of its visible images (row i: ``task.real[i]``)."""
     stats = statistics_per_class(features, task.real.labels, task.info.num_classes, config.k_max, config.seed)
+    allocation = allocation_for_task(task, stats, config)
+    allocation.embedding_model = embedding_model
+    return allocation
+
+
+def allocation_for_task(
+    task: DistillTask, statistics: Sequence[ClassStatistics], config: AllocationConfig, source: str = "central"
+) -> Allocation:
+    """Split ``task``'s total budget by ``statistics``; a class never gets more than the images it has."""
     caps = [len(task.real_of_class(c)) for c in range(task.info.num_classes)]
-    return allocate_from_statistics(stats, sum(task.counts.values()), config, caps)
+    return allocate_from_statistics(statistics, sum(task.counts.values()), config, caps, source)
 
 
 def with_allocation(task: DistillTask, allocation: Allocation) -> DistillTask:
