@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common.errors import ArtifactError
+from common.faults import fault_point
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -21,6 +22,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        fault_point("atomic-write", path.name)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -48,6 +50,7 @@ def atomic_write_dir(path: Path, fill: Callable[[Path], None], overwrite: bool =
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             old.rmdir()
             os.replace(path, old)
+            fault_point("dir-swap", path.name)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:

@@ -5,7 +5,8 @@ weights (an ArrayRecord) and scalar metrics (a MetricRecord) — nothing else le
 no images, no labels, no per-class counts. Only when the server asks (``diversity-stats``), the
 reply adds the ``diversity`` MetricRecord of :mod:`common.diversity`: per-class image counts and
 K-means curves of the device's data embedded by the global model it received (numbers only; the
-README says what they reveal). ``evaluate``: accuracy on the node's held-out data.
+README says what they reveal). ``evaluate``: accuracy on the node's held-out data. Record names and
+metric keys are the contract of :mod:`common.replies`, which the server enforces.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from common import diversity
+from common import diversity, replies
 from common.models import build_model
 from common.runtime import derive_seed, make_generator
 from common.training import evaluate_model, train_local
@@ -45,8 +46,8 @@ def train(msg: Message, context: Context) -> Message:
     metrics = train_local(model, data.train.images, data.train.labels, task.local_train(), generator)
     reply = RecordDict(
         {
-            "arrays": ArrayRecord(model.state_dict()),
-            "metrics": MetricRecord({**metrics, "num-examples": len(data.train)}),
+            replies.ARRAYS: ArrayRecord(model.state_dict()),
+            replies.METRICS: MetricRecord({**metrics, replies.EXAMPLES: len(data.train)}),
         }
     )
     if stats is not None:
@@ -69,5 +70,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     data = node_data(context.node_config, task)
     model = _model_from(msg, task, data.dataset.info)
     loss, accuracy = evaluate_model(model, data.holdout.images, data.holdout.labels)
-    metrics = MetricRecord({"eval-loss": loss, "eval-accuracy": accuracy, "num-examples": max(1, len(data.holdout))})
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    eval_loss, eval_accuracy = replies.EVAL_METRICS
+    metrics = {eval_loss: loss, eval_accuracy: accuracy, replies.EXAMPLES: max(1, len(data.holdout))}
+    return Message(content=RecordDict({replies.METRICS: MetricRecord(metrics)}), reply_to=msg)

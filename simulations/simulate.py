@@ -37,7 +37,11 @@ def simulate_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None
     parser.add_argument("--shards-per-client", type=int, default=2)
     parser.add_argument("--pipc", default="50", help="public images per class kept on the server ('all': none)")
     parser.add_argument("--model", default="convnet3")
-    parser.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedprox"])
+    parser.add_argument(
+        "--strategy",
+        default="fedavg",
+        help="fedavg | fedprox | krum | multikrum | bulyan | fedmedian | fedtrimmedavg (README: Hostile devices)",
+    )
     parser.add_argument("--proximal-mu", type=float, default=0.01)
     parser.add_argument("--fraction-train", type=float, default=1.0)
     parser.add_argument("--local-epochs", type=int, default=1)
@@ -47,6 +51,12 @@ def simulate_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--max-update-norm", type=float, default=1e3)
     parser.add_argument("--min-valid-replies", type=int, default=1)
+    parser.add_argument("--max-failed-rounds", type=int, default=3, help="rounds in a row without a new model")
+    parser.add_argument("--weighting", default="capped", choices=["capped", "uniform", "claimed"])
+    parser.add_argument("--max-examples", type=int, default=0, help="cap of --weighting capped (0: median claim)")
+    parser.add_argument("--norm-bound", type=float, default=3.0, help="x the round's median update norm (0: off)")
+    parser.add_argument("--norm-clip", action="store_true", help="clip updates past a bound instead of dropping")
+    parser.add_argument("--byzantine-fraction", type=float, default=0.2)
     parser.add_argument("--distill-every", type=int, default=0, help="server distillation round every K rounds")
     parser.add_argument("--distill", default="", metavar="METHOD", help="distill in server rounds (e.g. dm+dkkt)")
     parser.add_argument("--ipc", default="10", help="synthetic images per class of the server rounds")
@@ -76,6 +86,9 @@ def simulate_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/simulation")
     parser.add_argument("--resume", action="store_true", help="continue from the last round's checkpoint")
+    parser.add_argument(
+        "--resume-allow-changes", action="store_true", help="resume although settings that alter the result changed"
+    )
     parser.add_argument("--cpus-per-client", type=float, default=1.0)
 
 
@@ -93,7 +106,13 @@ def config_from_args(args: argparse.Namespace):
         min_train_nodes=args.clients if args.fraction_train >= 1 else 1,
         min_available_nodes=args.clients,
         min_valid_replies=args.min_valid_replies,
+        max_failed_rounds=args.max_failed_rounds,
         max_update_norm=args.max_update_norm,
+        weighting=args.weighting,
+        max_examples=args.max_examples,
+        norm_bound=args.norm_bound,
+        norm_clip=args.norm_clip,
+        byzantine_fraction=args.byzantine_fraction,
         partition=args.partition,
         alpha=args.alpha,
         shards_per_client=args.shards_per_client,
@@ -106,6 +125,7 @@ def config_from_args(args: argparse.Namespace):
         weight_decay=args.weight_decay,
         out_dir=args.out,
         resume=args.resume,
+        resume_allow_changes=args.resume_allow_changes,
         distill_every=args.distill_every,
         distill_method=args.distill,
         distill_ipc=str(args.ipc),

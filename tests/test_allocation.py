@@ -155,19 +155,23 @@ def test_a_device_reply_carries_only_the_documented_numbers(digits):
 
 
 def _strategy_with_statistics():
-    from server.federation.strategy import RobustFedAvg
+    from server.federation.strategy import build_strategy
 
-    strategy = RobustFedAvg(min_train_nodes=1, min_available_nodes=1, diversity_shape=(3, 6))
+    strategy = build_strategy("fedavg", diversity_shape=(3, 6), min_train_nodes=1, min_available_nodes=1)
     strategy.set_reference(ArrayRecord({"w": torch.zeros(2)}))
     return strategy
 
 
 def _reply(node: int, record: dict | None, examples: int = 1000, extra: dict | None = None) -> Message:
     request = Message(
-        content=RecordDict({"arrays": ArrayRecord({"w": torch.zeros(2)})}), dst_node_id=node,
+        content=RecordDict({"arrays": ArrayRecord({"w": torch.zeros(2)})}),
+        dst_node_id=node,
         message_type=MessageType.TRAIN,
     )
-    content = {"arrays": ArrayRecord({"w": torch.ones(2)}), "metrics": MetricRecord({"num-examples": examples})}
+    content = {
+        "arrays": ArrayRecord({"w": torch.ones(2)}),
+        "metrics": MetricRecord({"train-loss": 0.1, "train-accuracy": 0.5, "num-examples": examples}),
+    }
     if record is not None:
         content["diversity"] = MetricRecord(record)
     return Message(content=RecordDict({**content, **(extra or {})}), reply_to=request)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from common.checkpoint import load_checkpoint, save_checkpoint
 from common.config import from_text
 from common.datasets import load_dataset
 from common.errors import ConfigError
+from common.faults import fault_point
 from common.fileio import atomic_write_json
 from common.modelio import save_model
 from common.models import build_model
@@ -33,7 +35,6 @@ from common.runtime import derive_seed
 from common.training import evaluate_model
 from edge_client.task import ClientTaskConfig
 from server.federation.rounds import distill_and_evaluate
-from server.federation.strategy import RobustFedAvg, RobustFedProx
 
 log = logging.getLogger("edgedistill.server")
 CHECKPOINT_FILE = "federation-checkpoint.pt"
@@ -49,17 +50,24 @@ class FederationConfig(ClientTaskConfig):
     """
 
     num_rounds: int = 3
-    strategy: str = "fedavg"  # fedavg | fedprox
+    strategy: str = "fedavg"  # a name in server.federation.strategy.STRATEGIES
     proximal_mu: float = 0.01  # sent to clients only with strategy fedprox
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.0
     min_train_nodes: int = 2
     min_available_nodes: int = 2
     min_valid_replies: int = 1
-    max_update_norm: float = 1e3
+    max_failed_rounds: int = 3  # consecutive rounds without a new global model before the run stops
+    max_update_norm: float = 1e3  # absolute bound on a reply's L2 distance to the global model
+    norm_bound: float = 3.0  # relative bound: x the round's median update norm (0: off)
+    norm_clip: bool = False  # clip updates past a bound instead of dropping them
+    weighting: str = "capped"  # capped | uniform | claimed: how far a device's claimed num-examples counts
+    max_examples: int = 0  # cap of the capped weighting (0: the round's median claim)
+    byzantine_fraction: float = 0.2  # share of replies krum / multikrum / bulyan / fedtrimmedavg assume hostile
     round_timeout: float = 600.0
     out_dir: str = "runs/federation"
     resume: bool = False
+    resume_allow_changes: bool = False  # resume although settings that alter the result changed
     distill_every: int = 0  # server distillation round every K rounds (0: only at the end)
     distill_method: str = ""  # a registry method run in each server distillation round ("": save the model only)
     distill_ipc: str = "10"
@@ -71,14 +79,35 @@ class FederationConfig(ClientTaskConfig):
     distill_eval_epochs: int = 300
 
     def __post_init__(self) -> None:
-        if self.num_rounds < 1 or self.min_valid_replies < 1 or self.max_update_norm <= 0:
-            raise ConfigError("num-rounds and min-valid-replies must be >= 1 and max-update-norm > 0")
-        if self.strategy not in ("fedavg", "fedprox"):
-            raise ConfigError(f"strategy {self.strategy!r}: use fedavg or fedprox")
+        from server.federation.strategy import STRATEGIES
+
+        if self.num_rounds < 1:
+            raise ConfigError("num-rounds must be >= 1")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}")
+        if not 0.0 < self.fraction_train <= 1.0 or not 0.0 <= self.fraction_evaluate <= 1.0:
+            raise ConfigError("fraction-train must lie in (0, 1] and fraction-evaluate in [0, 1]")
+        self.screening()  # its own range checks
         if self.distill_allocation not in ("fixed", "adaptive", "federated"):
             raise ConfigError(f"distill-allocation {self.distill_allocation!r}: use fixed, adaptive or federated")
         if self.distill_method:
             self.round_plan()  # unknown methods and options fail before the first round, not after it
+
+    def screening(self):
+        """How the strategy screens and weights replies (see server.federation.strategy)."""
+        from server.federation.strategy import ScreeningConfig
+
+        return ScreeningConfig(
+            max_update_norm=self.max_update_norm,
+            norm_bound=self.norm_bound,
+            norm_clip=self.norm_clip,
+            weighting=self.weighting,
+            max_examples=self.max_examples,
+            min_valid_replies=self.min_valid_replies,
+            max_failed_rounds=self.max_failed_rounds,
+            byzantine_fraction=self.byzantine_fraction,
+            sampling_seed=derive_seed("node-sampling", self.seed),
+        )
 
     def round_plan(self):
         """The server distillation round's plan (``distill_*`` keys of the run config)."""
@@ -134,20 +163,63 @@ class FederationResult:
 
 
 def make_strategy(config: FederationConfig, num_classes: int):
+    from server.federation.strategy import build_strategy
+
     task = config.client_task()
-    common = dict(
+    extra = {"proximal_mu": config.proximal_mu} if config.strategy == "fedprox" else {}
+    return build_strategy(
+        config.strategy,
+        config.screening(),
         diversity_shape=(num_classes, task.diversity_k_max) if task.diversity_stats else None,
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
         min_train_nodes=min(config.min_train_nodes, config.min_available_nodes),
         min_evaluate_nodes=min(config.min_train_nodes, config.min_available_nodes),
         min_available_nodes=config.min_available_nodes,
-        max_update_norm=config.max_update_norm,
-        min_valid_replies=config.min_valid_replies,
+        **extra,
     )
-    if config.strategy == "fedprox":
-        return RobustFedProx(proximal_mu=config.proximal_mu, **common)
-    return RobustFedAvg(**common)
+
+
+# settings a resume may change: they do not alter what the finished rounds computed
+RESUME_MAY_CHANGE = frozenset(
+    {"num_rounds", "resume", "resume_allow_changes", "out_dir", "data_root", "round_timeout", "min_available_nodes"}
+)
+
+
+def resume_settings(config: FederationConfig) -> dict:
+    """The settings a checkpoint records and a resume must repeat."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUME_MAY_CHANGE}
+
+
+def check_resume_settings(saved: dict | None, config: FederationConfig, ckpt: Path) -> None:
+    """Refuse to resume with settings that alter the result, unless ``resume-allow-changes``."""
+    if config.resume_allow_changes:
+        return
+    if saved is None:
+        raise ConfigError(f"{ckpt} records no settings (older version); set resume-allow-changes=true to resume it")
+    now = resume_settings(config)
+    changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if changed:
+        shown = ", ".join(f"{k.replace('_', '-')} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:3])
+        more = f" (and {len(changed) - 3} more)" if len(changed) > 3 else ""
+        raise ConfigError(
+            f"resume: settings differ from the interrupted run's: {shown}{more}; use the same settings, "
+            "or set resume-allow-changes=true to go on with the new ones"
+        )
+
+
+def remove_leftovers(out: Path) -> list[str]:
+    """Delete temporary files and directories a killed run left in ``out`` (atomic writes' temps)."""
+    removed = []
+    for path in out.iterdir() if out.exists() else []:
+        name = path.name
+        temp = (name.startswith(".") and (name.endswith(".tmp") or name.endswith(".old"))) or ".tmp." in name
+        if temp:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(name)
+    if removed:
+        log.info("removed leftovers of an interrupted run: %s", ", ".join(sorted(removed)))
+    return removed
 
 
 def run_federation(
@@ -155,34 +227,61 @@ def run_federation(
     config: FederationConfig,
     on_round: Callable[[dict], None] | None = None,
 ) -> FederationResult:
+    """Run (or resume) the federation; every round's state is checkpointed before the next starts.
+
+    A checkpoint written before a server distillation round names it ``pending_distillation``,
+    so a run killed during distillation runs that round's distillation first when resumed.
+    """
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out)
     data = load_dataset(config.dataset, data_root=config.data_root or None)
     info = data.info
     torch.manual_seed(derive_seed("global-init", config.seed))
     model = build_model(config.model, info.channels, info.num_classes, info.image_size)
-    identity = {
-        "dataset": config.dataset,
-        "model": config.model,
-        "seed": config.seed,
-        "partition": config.partition,
-        "pipc": config.pipc,
-    }
+    strategy = make_strategy(config, info.num_classes)
     ckpt = out / CHECKPOINT_FILE
-    done, history = 0, []
+    done, history, pending = 0, [], None
     if config.resume and ckpt.exists():
-        state = load_checkpoint(ckpt, identity)
+        state = load_checkpoint(ckpt, {})
+        check_resume_settings(state.get("settings"), config, ckpt)
         model.load_state_dict(state["global_state"])
         done, history = int(state["round"]), list(state["history"])
         torch.set_rng_state(state["torch_rng"])
+        strategy.restore(state["strategy"])
+        pending = state.get("pending_distillation")
         log.info("resuming after round %d of %d", done, config.num_rounds)
     elif config.resume:
         raise ConfigError(f"resume: no checkpoint at {ckpt}; run without resume to start fresh")
+
+    def checkpoint(server_round: int, pending_round: int | None = None) -> None:
+        state = {
+            "settings": resume_settings(config),
+            "global_state": model.state_dict(),
+            "round": server_round,
+            "history": history,
+            "torch_rng": torch.get_rng_state(),
+            "strategy": strategy.state(),
+            "pending_distillation": pending_round,
+        }
+        save_checkpoint(ckpt, state)
+
+    def distillation_round(server_round: int) -> None:
+        record = next(h for h in history if h["round"] == server_round)
+        record.update(
+            server_distillation_round(
+                model, data, config, server_round, out, record["accuracy"], strategy.latest_diversity
+            )
+        )
+        checkpoint(server_round)  # now with the distillation metrics in the history, nothing pending
+
+    if pending is not None:
+        log.info("running the server distillation round of round %d, interrupted before", pending)
+        distillation_round(int(pending))
+        write_metrics(out, history, config, strategy)
     remaining = config.num_rounds - done
     if remaining <= 0:
         return FederationResult(history, done, out)
-
-    strategy = make_strategy(config, info.num_classes)
     started = time.perf_counter()
 
     def evaluate_fn(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -200,23 +299,12 @@ def run_federation(
         }
         history.append(record)
         if local_round > 0:
-            state = {
-                **identity,
-                "global_state": model.state_dict(),
-                "round": server_round,
-                "history": history,
-                "torch_rng": torch.get_rng_state(),
-            }
-            save_checkpoint(ckpt, state)
             last = server_round == config.num_rounds
-            if last or (config.distill_every and server_round % config.distill_every == 0):
-                record.update(
-                    server_distillation_round(
-                        model, data, config, server_round, out, accuracy, strategy.latest_diversity
-                    )
-                )
-                save_checkpoint(ckpt, state)  # again, now with the distillation metrics in the history
-        write_metrics(out, history, config)
+            due = last or bool(config.distill_every and server_round % config.distill_every == 0)
+            checkpoint(server_round, pending_round=server_round if due else None)
+            if due:
+                distillation_round(server_round)
+        write_metrics(out, history, config, strategy)
         if on_round is not None:
             on_round(record)
         return MetricRecord({"accuracy": accuracy, "loss": loss})
@@ -257,6 +345,7 @@ def server_distillation_round(
             "local_epochs": config.local_epochs,
         },
     )
+    fault_point("distillation")
     if not config.distill_method:
         return {}
     plan = config.round_plan()
@@ -280,8 +369,11 @@ def server_distillation_round(
     }
 
 
-def write_metrics(out: Path, history: list[dict], config: FederationConfig) -> None:
-    atomic_write_json(out / "metrics.json", {"config": dataclasses.asdict(config), "history": history})
+def write_metrics(out: Path, history: list[dict], config: FederationConfig, strategy=None) -> None:
+    """``metrics.json``: the config, the per-round history and each node's count of dropped replies."""
+    drops = dict(sorted(strategy.node_drops.items())) if strategy is not None else {}
+    payload = {"config": dataclasses.asdict(config), "history": history, "node_drops": drops}
+    atomic_write_json(out / "metrics.json", payload)
     plot_history(out / "accuracy.png", history)
 
 
