@@ -5,7 +5,11 @@
 Points: ``round-start`` (devices about to train), ``aggregation`` (replies screened, before
 aggregating), ``atomic-write:FILE`` (temp file written, not yet renamed), ``dir-swap:DIR`` (old
 directory moved away, new one not yet in place), ``distillation`` (inside a server distillation
-round). tests/test_resume.py kills a real federation at each and checks the resumed run.
+round), and on a device ``client-train:ROUND`` (the ClientApp's train, in that global round).
+tests/test_resume.py kills a real federation at each and checks the resumed run.
+
+``EDGEDISTILL_FAULT_RAISE="POINT[:DETAIL]"`` raises a RuntimeError there instead, every time: a
+device that fails a round (its reply becomes an error reply).
 """
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ import signal
 from collections import Counter
 
 ENV = "EDGEDISTILL_FAULT"
+RAISE_ENV = "EDGEDISTILL_FAULT_RAISE"
 _hits: Counter[str] = Counter()
 
 
 def fault_point(name: str, detail: str = "") -> None:
+    if os.environ.get(RAISE_ENV) in (name, f"{name}:{detail}"):
+        raise RuntimeError(f"injected fault at {name} {detail}".strip())
     spec = os.environ.get(ENV)
     if not spec:
         return

@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from common import diversity, replies
+from common.faults import fault_point
 from common.models import build_model
 from common.runtime import derive_seed, make_generator
 from common.training import evaluate_model, train_local
@@ -38,6 +39,7 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     # a resumed federation restarts Flower's round counter; the offset keeps the global round
     server_round = int(config.get("server-round", 0)) + int(config.get("round-offset", 0))
+    fault_point("client-train", str(server_round))
     # a simulated node's identity is its partition (node ids are random per run), so runs repeat
     who = context.node_config.get("partition-id", context.node_id)
     generator = make_generator(derive_seed("client", task.seed, server_round, who))

@@ -175,7 +175,10 @@ def simulate_main(args: argparse.Namespace) -> int:
         import ray  # noqa: F401
     except ImportError:
         raise EdgeDistillError('the simulation engine needs Ray: pip install -e ".[simulation]"') from None
+    from server.federation.run import check_resume
+
     config = config_from_args(args)
+    check_resume(config)  # a refused resume fails here, in one line, before any device starts
 
     def show(record: dict) -> None:
         extra = (

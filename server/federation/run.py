@@ -208,6 +208,18 @@ def check_resume_settings(saved: dict | None, config: FederationConfig, ckpt: Pa
         )
 
 
+def check_resume(config: FederationConfig) -> dict | None:
+    """The checkpoint a resume continues from (None when not resuming), after checking its settings."""
+    if not config.resume:
+        return None
+    ckpt = Path(config.out_dir) / CHECKPOINT_FILE
+    if not ckpt.exists():
+        raise ConfigError(f"resume: no checkpoint at {ckpt}; run without resume to start fresh")
+    state = load_checkpoint(ckpt, {})
+    check_resume_settings(state.get("settings"), config, ckpt)
+    return state
+
+
 def remove_leftovers(out: Path) -> list[str]:
     """Delete temporary files and directories a killed run left in ``out`` (atomic writes' temps)."""
     removed = []
@@ -242,17 +254,14 @@ def run_federation(
     strategy = make_strategy(config, info.num_classes)
     ckpt = out / CHECKPOINT_FILE
     done, history, pending = 0, [], None
-    if config.resume and ckpt.exists():
-        state = load_checkpoint(ckpt, {})
-        check_resume_settings(state.get("settings"), config, ckpt)
+    state = check_resume(config)
+    if state is not None:
         model.load_state_dict(state["global_state"])
         done, history = int(state["round"]), list(state["history"])
         torch.set_rng_state(state["torch_rng"])
         strategy.restore(state["strategy"])
         pending = state.get("pending_distillation")
         log.info("resuming after round %d of %d", done, config.num_rounds)
-    elif config.resume:
-        raise ConfigError(f"resume: no checkpoint at {ckpt}; run without resume to start fresh")
 
     def checkpoint(server_round: int, pending_round: int | None = None) -> None:
         state = {
