@@ -276,3 +276,21 @@ def test_sampling_is_seeded_and_resumes_from_its_state():
     fresh = make()
     fresh.restore(state)
     assert draws(fresh, range(3, 5)) == full[2:]
+
+
+def test_bench_byzantine_drops_every_sign_flipping_reply_and_resumes_from_its_cells(tmp_path, capsys):
+    import json
+
+    from simulations.bench_byzantine import main
+
+    args = ["--dataset", "digits", "--clients", "5", "--rounds", "2", "--client-examples", "60"]
+    args += ["--attacks", "sign-flip", "--fractions", "0,0.2", "--strategies", "fedavg", "--out", str(tmp_path)]
+    assert main(args) == 0
+    cells = json.loads((tmp_path / "cells.json").read_text())["cells"]
+    clean, attacked = sorted(cells, key=lambda c: c["fraction"])
+    assert clean["dropped_replies"] == 0 and attacked["attackers"] == 1
+    assert attacked["dropped_replies"] == 2  # the attacker's reply, in each of the 2 rounds
+    assert "| fedavg   |" in (tmp_path / "table.md").read_text()
+    capsys.readouterr()
+    assert main(args) == 0  # every cell is on disk: nothing runs again
+    assert "%:" not in capsys.readouterr().out
