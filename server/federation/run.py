@@ -97,17 +97,8 @@ class FederationConfig(ClientTaskConfig):
         """How the strategy screens and weights replies (see server.federation.strategy)."""
         from server.federation.strategy import ScreeningConfig
 
-        return ScreeningConfig(
-            max_update_norm=self.max_update_norm,
-            norm_bound=self.norm_bound,
-            norm_clip=self.norm_clip,
-            weighting=self.weighting,
-            max_examples=self.max_examples,
-            min_valid_replies=self.min_valid_replies,
-            max_failed_rounds=self.max_failed_rounds,
-            byzantine_fraction=self.byzantine_fraction,
-            sampling_seed=derive_seed("node-sampling", self.seed),
-        )
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(ScreeningConfig) if hasattr(self, f.name)}
+        return ScreeningConfig(**shared, sampling_seed=derive_seed("node-sampling", self.seed))
 
     def round_plan(self):
         """The server distillation round's plan (``distill_*`` keys of the run config)."""
