@@ -29,6 +29,24 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is a temp file / directory of the atomic writes here (``.NAME.XXXX.tmp|.old``)."""
+    return name.startswith(".") and name.endswith((".tmp", ".old"))
+
+
+def remove_temporaries(directory: Path) -> list[str]:
+    """Delete what atomic writes killed half-way left in ``directory``; returns the names removed."""
+    directory = Path(directory)
+    removed = sorted(p.name for p in directory.iterdir() if is_temporary(p.name)) if directory.exists() else []
+    for name in removed:
+        path = directory / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return removed
+
+
 def atomic_write_json(path: Path, payload: object) -> None:
     atomic_write_bytes(Path(path), (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode())
 

@@ -1,4 +1,4 @@
-"""Image grids of distilled sets (one row per class)."""
+"""Pictures: image grids of distilled sets (one row per class), spectra, and the atomic PNG writer."""
 
 from __future__ import annotations
 
@@ -49,7 +49,18 @@ def save_spectra(sets: dict[str, torch.Tensor], path: str | Path) -> None:
         ax.axis("off")
     fig.suptitle("mean log |FFT| (centre = low frequencies)", fontsize=9)
     fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 100) -> None:
+    """Write a matplotlib figure as PNG atomically (never a half-written picture) and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from common.fileio import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
     plt.close(fig)
-    tmp.replace(path)
+    atomic_write_bytes(Path(path), buffer.getvalue())

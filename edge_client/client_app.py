@@ -46,15 +46,20 @@ def train(msg: Message, context: Context) -> Message:
     torch.manual_seed(derive_seed("client-torch", task.seed, server_round, who))
     stats = _diversity_record(model, data, task) if task.diversity_stats else None
     metrics = train_local(model, data.train.images, data.train.labels, task.local_train(), generator)
-    reply = RecordDict(
-        {
-            replies.ARRAYS: ArrayRecord(model.state_dict()),
-            replies.METRICS: MetricRecord({**metrics, replies.EXAMPLES: len(data.train)}),
-        }
-    )
+    reply = train_reply(model.state_dict(), metrics, len(data.train))
     if stats is not None:
         reply[diversity.RECORD_NAME] = MetricRecord(stats)
     return Message(content=reply, reply_to=msg)
+
+
+def train_reply(state: dict[str, torch.Tensor], metrics: dict[str, float], examples: int) -> RecordDict:
+    """The records of a train reply (:mod:`common.replies`): the weights, the metrics and the example count."""
+    return RecordDict(
+        {
+            replies.ARRAYS: ArrayRecord(state),
+            replies.METRICS: MetricRecord({**metrics, replies.EXAMPLES: examples}),
+        }
+    )
 
 
 def _diversity_record(model: torch.nn.Module, data, task: ClientTaskConfig) -> dict:

@@ -27,7 +27,7 @@ from common.report import Cells, format_accuracy, markdown_table
 from common.runtime import resolve_device
 from server.methods.allocation import AllocationConfig, allocation_of_features, class_embeddings, with_allocation
 from server.methods.registry import distill, make_task
-from simulations.bench_distill import method_options
+from simulations.bench_distill import add_protocol_arguments, method_options
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,13 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--k-max", type=int, default=AllocationConfig.k_max)
     p.add_argument("--allocation-model", default="", help="model directory to embed with (default: trained here)")
     p.add_argument("--set", action="append", default=[], metavar="METHOD.OPTION=VALUE", help="a method option")
-    p.add_argument("--model", default="convnet3", help="evaluation architecture")
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--quick", action="store_true", help="300-epoch protocol (default: 1000)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, default=None)
+    add_protocol_arguments(p)
     p.add_argument("--out", default="runs/bench-adaptive")
     return p.parse_args(argv)
 

@@ -7,7 +7,7 @@
 
 The federation runs in-process (no Ray) so that dozens of cells fit on a CPU: each round the
 server's screened strategy (:mod:`server.federation.strategy`, default screening as in
-``pyproject.toml``) receives real Flower reply Messages, built the way the ClientApp builds them,
+``pyproject.toml``) receives real Flower reply Messages, built by the ClientApp's ``train_reply``,
 from every device. Honest devices train their partition (``--client-examples`` images each) with
 the run config's local training; the first ``fraction x clients`` devices attack:
 
@@ -132,9 +132,9 @@ def attacked(attack: str, honest: dict, global_state: dict) -> dict:
 
 
 def run_cell(fleet: Fleet, strategy_name: str, attack: str, fraction: float) -> dict:
-    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
-    from common import replies
+    from edge_client.client_app import train_reply
     from server.federation.strategy import build_strategy
 
     args = fleet.args
@@ -163,13 +163,7 @@ def run_cell(fleet: Fleet, strategy_name: str, attack: str, fraction: float) -> 
                 dst_node_id=pid + 1,
                 message_type=MessageType.TRAIN,
             )
-            content = RecordDict(
-                {
-                    replies.ARRAYS: ArrayRecord(trained),
-                    replies.METRICS: MetricRecord({**metrics, replies.EXAMPLES: claimed}),
-                }
-            )
-            replies_in.append(Message(content=content, reply_to=request))
+            replies_in.append(Message(content=train_reply(trained, metrics, claimed), reply_to=request))
         new, _ = strategy.aggregate_train(server_round, replies_in)
         if new is not None:
             state = new.to_torch_state_dict()
@@ -201,7 +195,6 @@ def table(cells: list[dict], strategies: list[str]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     _play_the_server()
     out = Path(args.out)
     cells = Cells(out / "cells.json")

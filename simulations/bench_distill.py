@@ -28,6 +28,17 @@ from common.runtime import peak_memory_mib, resolve_device
 from server.methods.registry import coerce_option, distill, make_task
 
 
+def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
+    """The evaluation protocol and run settings every distillation benchmark shares."""
+    p.add_argument("--model", default="convnet3", help="evaluation architecture")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="300-epoch protocol (default: 1000)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=None)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="mnist")
@@ -42,13 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="METHOD.OPTION=VALUE",
         help="a method option, e.g. dm.iterations=200 or herding.feature_steps=100 (repeatable)",
     )
-    p.add_argument("--model", default="convnet3", help="evaluation architecture")
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--quick", action="store_true", help="300-epoch protocol (default: 1000)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, default=None)
+    add_protocol_arguments(p)
     p.add_argument("--out", default="runs/bench-distill")
     return p.parse_args(argv)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from common.config import from_text
 from common.datasets import load_dataset
 from common.errors import ConfigError
 from common.faults import fault_point
-from common.fileio import atomic_write_json
+from common.fileio import atomic_write_json, remove_temporaries
 from common.modelio import save_model
 from common.models import build_model
 from common.runtime import derive_seed
@@ -211,20 +210,6 @@ def check_resume(config: FederationConfig) -> dict | None:
     return state
 
 
-def remove_leftovers(out: Path) -> list[str]:
-    """Delete temporary files and directories a killed run left in ``out`` (atomic writes' temps)."""
-    removed = []
-    for path in out.iterdir() if out.exists() else []:
-        name = path.name
-        temp = (name.startswith(".") and (name.endswith(".tmp") or name.endswith(".old"))) or ".tmp." in name
-        if temp:
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-            removed.append(name)
-    if removed:
-        log.info("removed leftovers of an interrupted run: %s", ", ".join(sorted(removed)))
-    return removed
-
-
 def run_federation(
     grid: Grid,
     config: FederationConfig,
@@ -237,7 +222,8 @@ def run_federation(
     """
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(out)
+    if removed := remove_temporaries(out):
+        log.info("removed leftovers of an interrupted run: %s", ", ".join(removed))
     data = load_dataset(config.dataset, data_root=config.data_root or None)
     info = data.info
     torch.manual_seed(derive_seed("global-init", config.seed))
@@ -383,6 +369,8 @@ def plot_history(path: Path, history: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from common.visualize import save_figure
+
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot([h["round"] for h in history], [100 * h["accuracy"] for h in history], marker="o", label="global model")
     distilled = [h for h in history if "distilled_accuracy" in h]
@@ -398,10 +386,7 @@ def plot_history(path: Path, history: list[dict]) -> None:
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def load_history(out: Path) -> list[dict]:

@@ -268,9 +268,9 @@ class ScreenedStrategy:
         weights = granted_weights(
             [int(r.metrics[replies.EXAMPLES]) for r in accepted], self.screening.weighting, self.screening.max_examples
         )
-        canonical = [self._canonical_train(r, w) for r, w in zip(accepted, weights)]
         # replies arrive in any order; a fixed order makes the float sums, and so runs, repeatable
-        canonical.sort(key=_reply_order_key)
+        ordered = sorted(zip(accepted, weights), key=lambda pair: (pair[1], _checksum(pair[0].arrays)))
+        canonical = [self._canonical_train(reply, weight) for reply, weight in ordered]
         self._tune_for(len(canonical))
         fault_point("aggregation")
         try:
@@ -404,10 +404,8 @@ class ScreenedStrategy:
             return None
 
 
-def _reply_order_key(msg: Message) -> tuple[float, float]:
-    arrays = msg.content.array_records[replies.ARRAYS]
-    checksum = sum(float(np.sum(a.numpy(), dtype=np.float64)) for a in arrays.values())
-    return (float(msg.content.metric_records[replies.METRICS][replies.EXAMPLES]), checksum)
+def _checksum(arrays: dict[str, np.ndarray]) -> float:
+    return sum(float(np.sum(a, dtype=np.float64)) for a in arrays.values())
 
 
 class ScreenedFedAvg(ScreenedStrategy, FedAvg):

@@ -231,6 +231,8 @@ def save_embedding_picture(
     import matplotlib.pyplot as plt
     from sklearn.decomposition import PCA
 
+    from common.visualize import save_figure
+
     labels = np.asarray(labels)
     points = PCA(n_components=2, random_state=seed).fit_transform(features)
     clusters = cluster_labels(features, labels, chosen_k, seed)
@@ -248,12 +250,7 @@ def save_embedding_picture(
     ax.set_title(title or "class embeddings (colour: class, marker: K-means cluster)")
     ax.legend(fontsize=7, markerscale=1.5, loc="best", ncol=2)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=110)
 
 
 def allocation_table(allocation: Allocation, class_names: Sequence[str] | None = None) -> str:
