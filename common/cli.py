@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("simulations.simulate", "run a simulated edge fleet (Flower + Ray): FedAvg + server rounds"),
     "datasets": ("common.commands", "list datasets and whether their files are available locally"),
     "certs": ("edge_client.certs", "create a TEST CA, SuperLink TLS certificate and SuperNode auth keys"),
+    "fleet-gateway": ("server.federation.gateway", "TLS proxy that lets devices reach the Fleet API and nothing else"),
 }
 
 
@@ -58,10 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"edgedistill {name}", description=COMMANDS[name][1])
-    getattr(module, f"{name}_arguments")(parser, argv[1:])
+    function = name.replace("-", "_")
+    getattr(module, f"{function}_arguments")(parser, argv[1:])
     args = parser.parse_args(argv[1:])
     try:
-        return int(getattr(module, f"{name}_main")(args) or 0)
+        return int(getattr(module, f"{function}_main")(args) or 0)
     except EdgeDistillError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

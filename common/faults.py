@@ -1,11 +1,13 @@
-"""Named crash points for kill-and-resume tests: the process SIGKILLs itself where a test asks.
+"""Named crash points for kill-and-resume tests: the whole job is SIGKILLed where a test asks.
 
-``EDGEDISTILL_FAULT="POINT[:DETAIL][@N]"`` kills the process the N-th time (default 1) it reaches
-:func:`fault_point` with that name (and detail). Unset, a point costs one dictionary lookup.
-Points: ``round-start`` (devices about to train), ``aggregation`` (replies screened, before
-aggregating), ``atomic-write:FILE`` (temp file written, not yet renamed), ``dir-swap:DIR`` (old
-directory moved away, new one not yet in place), ``distillation`` (inside a server distillation
-round), and on a device ``client-train:ROUND`` (the ClientApp's train, in that global round).
+``EDGEDISTILL_FAULT="POINT[:DETAIL][@N]"`` kills the process group (``edgedistill simulate``, its
+SuperLink, the ServerApp's process, Ray's workers: a crash of the machine, as the job sees it) the
+N-th time (default 1) one process reaches :func:`fault_point` with that name (and detail).
+Unset, a point costs one dictionary lookup. Points: ``round-start`` (devices about to train),
+``aggregation`` (replies screened, before aggregating), ``atomic-write:FILE`` (temp file
+written, not yet renamed), ``dir-swap:DIR`` (old directory moved away, new one not yet in place),
+``distillation`` (inside a server distillation round), and on a device ``client-train:ROUND``
+(the ClientApp's train, in that global round).
 tests/test_resume.py kills a real federation at each and checks the resumed run.
 
 ``EDGEDISTILL_FAULT_RAISE="POINT[:DETAIL]"`` raises a RuntimeError there instead, every time: a
@@ -35,4 +37,4 @@ def fault_point(name: str, detail: str = "") -> None:
         return
     _hits[target] += 1
     if _hits[target] == int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.killpg(os.getpgrp(), signal.SIGKILL)

@@ -103,7 +103,7 @@ def federate(args, out: Path) -> Path:
     history = run_simulated_fleet(
         config,
         args.clients,
-        on_round=lambda r: print(f"federation round {r['round']}: {100 * r['accuracy']:.2f} %", flush=True),
+        echo=lambda line: line.startswith("round ") and print(f"federation {line}", flush=True),
     )
     print(f"global model after {history[-1]['round']} rounds: {100 * history[-1]['accuracy']:.2f} %")
     return model_dir

@@ -1,30 +1,154 @@
 """``edgedistill simulate``: a simulated edge fleet on the Flower Simulation Engine (Ray).
 
-Runs in-process with ``flwr.simulation.run_simulation``: N virtual SuperNodes, each with a
-deterministic partition of the dataset (public subset carved out first), the project's
-ClientApp, and the ServerApp bound to a typed config. Flower is configured for machines
-without internet (no telemetry, no update check, no runtime dependency installation, a
-project-local FLWR_HOME). Ray is stopped when the run ends, also on Ctrl-C.
+Flower's supported path, the one ``flwr run .`` takes: :class:`SimulationLink` starts a SuperLink
+in simulation mode on a free loopback port and the SuperExec that runs its ServerApps (state, logs
+and CLI config under ``OUT/.flwr``), and
+``flwr run`` submits this project's ServerApp and ClientApp to it with the run config written from
+a :class:`FederationConfig` and N virtual SuperNodes. The ServerApp runs in the SuperLink's
+``flwr-simulation`` process; its output is streamed here. Flower is configured for machines
+without internet (no telemetry, no update check, no runtime dependency installation). The
+SuperLink and everything it started stop when the run ends, also on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
+from common.errors import EdgeDistillError
 from common.report import markdown_table
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONNECTION = "edgedistill-sim"
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # CPU-only actors: Ray leaves CUDA_VISIBLE_DEVICES alone
 }
+LINK_START_TIMEOUT = 60.0
 
 
 def flower_environment(out_dir: Path) -> dict[str, str]:
     return {**FLOWER_ENV, "FLWR_HOME": str((out_dir / ".flwr").resolve())}
+
+
+def flower_tool(name: str) -> str:
+    """The path of a Flower console script installed next to this Python."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        raise EdgeDistillError(f'{name} is not installed next to {sys.executable}: pip install -e ".[simulation]"')
+    return str(path)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class SimulationLink:
+    """A SuperLink in simulation mode on 127.0.0.1 and the SuperExec that runs its ServerApps.
+
+    Both are children of this process, in its process group (Flower's own subprocess isolation
+    would start the SuperExec in a session of its own, out of reach of Ctrl-C and of a kill of the
+    job), so the ``flwr-simulation`` process and Ray's workers share the job's fate. ``home``
+    (``FLWR_HOME``) gets ``config.toml`` naming the connection :data:`CONNECTION`, the SuperLink's
+    database and its log. Leaving the ``with`` block stops both; on Linux they also die with this
+    process.
+    """
+
+    def __init__(self, home: Path, env: dict[str, str]):
+        self.home, self.env = home, env
+        self.port = free_port()
+        self.log = home / "superlink.log"
+        self.processes: list[subprocess.Popen] = []
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> SimulationLink:
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "{self.address}"\ninsecure = true\n'
+        )
+        link = [
+            flower_tool("flower-superlink"),
+            *("--insecure", "--simulation", "--isolation", "process"),
+            *("--host", "127.0.0.1", "--port", str(self.port)),
+            *("--database", str(self.home / "superlink.db")),
+            "--disable-runtime-dependency-installation",
+            *("--log-file", str(self.log)),
+        ]
+        superexec = [
+            flower_tool("flower-superexec"),
+            *("--insecure", "--runtime-api-address", self.address, "--parent-pid", str(os.getpid())),
+        ]
+        try:
+            self._start(link, subprocess.DEVNULL)
+            self._wait_ready()
+            with (self.home / "superexec.log").open("ab") as log:
+                self._start(superexec, log)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _start(self, command: list[str], log) -> None:
+        self.processes.append(
+            subprocess.Popen(
+                command,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
+        )
+
+    def _wait_ready(self) -> None:
+        import httpx
+
+        link = self.processes[0]
+        deadline = time.monotonic() + LINK_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if link.poll() is not None:
+                raise EdgeDistillError(f"the simulation SuperLink exited at start; see {self.log}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://{self.address}/health", timeout=1.0).is_success:
+                    return
+            time.sleep(0.2)
+        raise EdgeDistillError(
+            f"the simulation SuperLink did not start within {LINK_START_TIMEOUT:.0f} s; see {self.log}"
+        )
+
+    def __exit__(self, *exc) -> None:
+        for process in reversed(self.processes):  # the SuperExec first, then the SuperLink
+            if process.poll() is None:
+                process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes.clear()
+
+
+def _die_with_parent() -> None:
+    """Linux: a child gets SIGTERM when the process that started it dies (even by SIGKILL)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def simulate_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
@@ -138,39 +262,55 @@ def config_from_args(args: argparse.Namespace):
     )
 
 
-def run_simulated_fleet(config, clients: int, cpus_per_client: float = 1.0, on_round=None) -> list[dict]:
-    """Run the whole federation in-process; returns the per-round history."""
-    from edge_client.client_app import app as client_app
-    from server.federation.run import load_history
-    from server.federation.server_app import make_server_app
+def absolute_paths(config):
+    """The config with its paths absolute: the ServerApp runs in another process and directory."""
+    dataset = config.dataset
+    for scheme in ("npz:", "imagefolder:"):
+        if dataset.startswith(scheme):
+            dataset = scheme + str(Path(dataset[len(scheme) :]).expanduser().resolve())
+    data_root = str(Path(config.data_root).expanduser().resolve()) if config.data_root else ""
+    return replace(config, dataset=dataset, data_root=data_root, out_dir=str(Path(config.out_dir).resolve()))
 
+
+def run_simulated_fleet(config, clients: int, cpus_per_client: float = 1.0, echo=print) -> list[dict]:
+    """Run the federation on ``clients`` virtual SuperNodes; returns the per-round history.
+
+    ``cpus_per_client`` may be a fraction (0.5: two devices train at once per core).
+
+    ``echo`` gets every line the run prints (the ServerApp's round lines, Flower's log).
+    """
+    import tomli_w
+
+    from common.fileio import atomic_write_bytes
+    from server.federation.run import load_history
+
+    if cpus_per_client <= 0:
+        raise EdgeDistillError(f"--cpus-per-client must be > 0, got {cpus_per_client}")
+    config = absolute_paths(config)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    os.environ.update(flower_environment(out))
-    from flwr.simulation import run_simulation
-
-    backend = {
-        "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-        "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False},
-    }
-    try:
-        run_simulation(
-            make_server_app(config, on_round=on_round), client_app, num_supernodes=clients, backend_config=backend
-        )
-    finally:
-        try:
-            import ray
-
-            if ray.is_initialized():
-                ray.shutdown()
-        except ImportError:
-            pass
+    env = {**os.environ, **flower_environment(out)}
+    home = Path(env["FLWR_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    run_config = home / "run-config.toml"
+    atomic_write_bytes(run_config, tomli_w.dumps(config.to_run_config()).encode())
+    # Flower takes whole CPUs per virtual device: a fraction is had by giving Ray more logical CPUs
+    logical_cpus = max(1, round((os.cpu_count() or 1) / cpus_per_client))
+    federation = (
+        f"num-supernodes={clients} client-resources-num-cpus=1 client-resources-num-gpus=0.0 "
+        f"init-args-num-cpus={logical_cpus}"
+    )
+    command = [flower_tool("flwr"), "run", str(PROJECT_ROOT), CONNECTION, "--run-config", str(run_config)]
+    command += ["--federation-config", federation, "--stream"]
+    with SimulationLink(home, env), subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    ) as run:
+        for line in run.stdout:
+            echo(line.rstrip("\n"))
     return load_history(out) if (out / "metrics.json").exists() else []
 
 
 def simulate_main(args: argparse.Namespace) -> int:
-    from common.errors import EdgeDistillError
-
     try:
         import ray  # noqa: F401
     except ImportError:
@@ -179,23 +319,11 @@ def simulate_main(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     check_resume(config)  # a refused resume fails here, in one line, before any device starts
-
-    def show(record: dict) -> None:
-        extra = (
-            f"  clients ok {record['clients_ok']}, dropped {record['clients_dropped']}"
-            if "clients_ok" in record
-            else ""
-        )
-        print(
-            f"round {record['round']:>3}: global accuracy {100 * record['accuracy']:.2f} %  "
-            f"loss {record['loss']:.4f}{extra}",
-            flush=True,
-        )
-
-    history = run_simulated_fleet(config, args.clients, args.cpus_per_client, on_round=show)
+    history = run_simulated_fleet(config, args.clients, args.cpus_per_client)
     if not history or history[-1]["round"] != config.num_rounds:
         raise EdgeDistillError(
-            f"the federation stopped early; see the log above (resume with --resume, out {args.out})"
+            f"the federation stopped early; see the log above and {args.out}/.flwr/superlink.log "
+            f"(resume with --resume, out {args.out})"
         )
     rows = [
         (

@@ -1,4 +1,5 @@
-"""A real deployment on 127.0.0.1: SuperLink with TLS + node authentication, two SuperNodes, ``flwr run``.
+"""A real deployment on 127.0.0.1: SuperLink with TLS + node authentication on loopback, the fleet
+gateway in front of it, two SuperNodes that reach it only through the gateway, ``flwr run``.
 
 Every Flower process runs in its own session (process group) with its own FLWR_HOME under
 ``tmp_path``, offline settings, and is stopped (SIGTERM, then SIGKILL) when the test ends.
@@ -11,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -70,9 +72,10 @@ class Flower:
 
     def start(self, name: str, *args: str) -> tuple[subprocess.Popen, Path]:
         log = self.root / f"{name}.log"
+        program = [sys.executable, "-m", "common.cli"] if args[0] == "edgedistill" else [str(BIN / args[0])]
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [str(BIN / args[0]), *args[1:]],
+                [*program, *args[1:]],
                 cwd=self.root,
                 env=self.env(name),
                 stdout=out,
@@ -190,6 +193,28 @@ def _start_superlink(flower: Flower, certs: Path, port: int) -> tuple[subprocess
     return link, log
 
 
+def _start_gateway(flower: Flower, certs: Path, port: int, link_port: int) -> tuple[subprocess.Popen, Path]:
+    gateway, log = flower.start(
+        "gateway",
+        "edgedistill",
+        "fleet-gateway",
+        *("--listen", f"127.0.0.1:{port}", "--superlink", f"127.0.0.1:{link_port}"),
+        *("--ssl-certfile", str(certs / "server.crt"), "--ssl-keyfile", str(certs / "server.key")),
+        *("--superlink-ca", str(certs / "ca.crt")),
+    )
+    _wait_for_port(port, gateway, log)
+    return gateway, log
+
+
+def _refused_by_gateway(port: int, certs: Path, path: str) -> tuple[int, str]:
+    """Status and body of a POST to the gateway at ``path`` (what a device could send)."""
+    import httpx
+
+    tls = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    reply = httpx.post(f"https://127.0.0.1:{port}{path}", content=b"\x00", verify=tls, timeout=30)
+    return reply.status_code, reply.text
+
+
 def _start_supernode(flower: Flower, name: str, link: str, certs: Path, key: str, port: int, partition: int):
     return flower.start(
         name,
@@ -203,35 +228,57 @@ def _start_supernode(flower: Flower, name: str, link: str, certs: Path, key: str
 
 
 @pytest.mark.e2e
-def test_tls_node_auth_deployment_runs_two_rounds_and_refuses_an_unregistered_node(tmp_path):
+def test_devices_behind_the_fleet_gateway_run_two_rounds_and_cannot_reach_the_control_api(tmp_path):
     if missing := [t for t in TOOLS if not (BIN / t).exists()]:
         pytest.skip(f"Flower tools not installed next to {sys.executable}: {', '.join(missing)}")
+    from server.federation.gateway import REFUSAL
+
     certs, out = tmp_path / "certs", tmp_path / "out"
     assert main(["certs", "--out", str(certs), "--nodes", "3"]) == 0
-    link_port, *node_ports = _free_ports(4)
-    address = f"127.0.0.1:{link_port}"
+    link_port, gateway_port, *node_ports = _free_ports(5)
+    link, devices_port = f"127.0.0.1:{link_port}", f"127.0.0.1:{gateway_port}"
     flower = Flower(tmp_path)
-    _write_cli_connection(tmp_path / "homes" / "cli", "edge", address, certs / "ca.crt")
+    _write_cli_connection(tmp_path / "homes" / "cli", "edge", link, certs / "ca.crt")
+    _write_cli_connection(tmp_path / "homes" / "intruder", "edge", devices_port, certs / "ca.crt")
     try:
         _, link_log = _start_superlink(flower, certs, link_port)
+        _, gateway_log = _start_gateway(flower, certs, gateway_port, link_port)
         for key in ("node-1.pub", "node-2.pub"):
             reg = flower.run("cli", "flwr", "supernode", "register", str(certs / key), "edge", timeout=60)
             assert reg.returncode == 0 and "registered successfully" in reg.stdout, reg.stdout + reg.stderr
-        stranger, stranger_log = _start_supernode(flower, "unregistered", address, certs, "node-3", node_ports[2], 0)
+        stranger, stranger_log = _start_supernode(
+            flower, "unregistered", devices_port, certs, "node-3", node_ports[2], 0
+        )
         for i in range(2):
-            _start_supernode(flower, f"supernode-{i}", address, certs, f"node-{i + 1}", node_ports[i], i)
+            _start_supernode(flower, f"supernode-{i}", devices_port, certs, f"node-{i + 1}", node_ports[i], i)
+
+        # what a device (or anyone on the devices' network) gets when it calls the Control API
+        for path in (
+            "/v1/control/start-run",
+            "/v1/control/list-runs",
+            "/v1/fleet/../control/start-run",
+            "/v1/fleet/%2e%2e/control/start-run",
+            "/v1/runtime/get-nodes",
+            "/health",
+        ):
+            assert _refused_by_gateway(gateway_port, certs, path) == (403, REFUSAL), path
+        intruder = flower.run("intruder", "flwr", "run", str(REPO), "edge", "--stream", timeout=120)
+        assert intruder.returncode != 0 and "403" in intruder.stdout + intruder.stderr, intruder.stdout
 
         config = f"num-rounds=2 min-available-nodes=2 out-dir='{out}' pipc='10'"
         run = flower.run("cli", "flwr", "run", str(REPO), "edge", "--run-config", config, "--stream", timeout=420)
-        logs = f"{run.stdout[-3000:]}\n{run.stderr[-2000:]}\n{_tail(link_log)}"
+        logs = f"{run.stdout[-3000:]}\n{run.stderr[-2000:]}\n{_tail(link_log)}\n{_tail(gateway_log)}"
         assert run.returncode == 0 and (out / "metrics.json").exists(), logs
         history = json.loads((out / "metrics.json").read_text())["history"]
         assert [h["round"] for h in history] == [0, 1, 2]
         assert all(h["clients_ok"] == 2 for h in history[1:])
         assert history[-1]["accuracy"] > 0.3 > history[0]["accuracy"]  # chance is 0.1
+        assert len(json.loads((out / "metrics.json").read_text())["history"]) == 3  # the intruder started nothing
 
-        # a node whose key was never registered is refused: Flower's exit code 305, process status 1
+        # a node whose key was never registered is refused (through the gateway, by the SuperLink):
+        # Flower's exit code 305 and its message, process status 1
         assert stranger.wait(timeout=60) == 1
-        assert "Exit Code: 305" in _tail(stranger_log, 20000)
+        refused = _tail(stranger_log, 20000)
+        assert "Exit Code: 305" in refused and "Failed to activate SuperNode" in refused, refused[-2000:]
     finally:
         flower.stop_all()

@@ -79,3 +79,48 @@ def test_server_distillation_rounds_inside_a_simulation_and_the_summary_table(tm
     assert [m["method"] for m in summary["methods"]] == ["random", "dsv", "dm+dkkt"]
     assert read_manifest(out / "compare" / "dsv")["global_model_sha256"] == final_model["sha256"]
     assert (out / "spectra.png").stat().st_size > 1000
+
+
+@pytest.mark.e2e
+def test_flwr_run_of_the_project_on_flowers_own_local_simulation_superlink(tmp_path):
+    """`flwr run . local`: Flower's default connection starts a simulation SuperLink of its own."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from simulations.simulate import FLOWER_ENV, PROJECT_ROOT
+
+    bin_dir = Path(sys.executable).parent
+    socks = [socket.socket() for _ in range(2)]
+    for sock in socks:
+        sock.bind(("127.0.0.1", 0))
+    http_port, control_port = (sock.getsockname()[1] for sock in socks)
+    for sock in socks:
+        sock.close()
+    env = {
+        **os.environ,
+        **FLOWER_ENV,
+        "FLWR_HOME": str(tmp_path / "home"),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    out = tmp_path / "out"
+    config = f"num-rounds=1 min-train-nodes=3 min-available-nodes=3 out-dir='{out}' pipc='10' lr=0.05"
+    command = [str(bin_dir / "flwr"), "run", str(PROJECT_ROOT), "local", "--run-config", config]
+    command += ["--federation-config", "num-supernodes=3", "--stream"]
+    try:
+        run = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+        printed = run.stdout + run.stderr
+        assert run.returncode == 0 and (out / "metrics.json").exists(), printed[-3000:]
+        history = json.loads((out / "metrics.json").read_text())["history"]
+        assert [h["round"] for h in history] == [0, 1] and history[1]["clients_ok"] == 3
+        assert "round   1: global accuracy" in printed  # the ServerApp's progress line, streamed
+        assert "deprecat" not in printed.lower()
+    finally:  # Flower leaves its managed SuperLink running, detached, in a session of its own
+        found = subprocess.run(["pgrep", "-f", f"flower-superlink.*--port {http_port}"], capture_output=True, text=True)
+        for pid in found.stdout.split():
+            os.killpg(int(pid), signal.SIGTERM)

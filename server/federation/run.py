@@ -134,6 +134,10 @@ class FederationConfig(ClientTaskConfig):
                 raise ConfigError(f"run-config key {key!r} needs a {kind.__name__}, got {value!r}") from None
         return cls(**values)
 
+    def to_run_config(self) -> dict[str, str | int | float | bool]:
+        """The run config (dashed keys) that :meth:`from_run_config` reads back to this config."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
     def client_task(self) -> ClientTaskConfig:
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(ClientTaskConfig)}
         return ClientTaskConfig(
