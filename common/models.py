@@ -187,11 +187,19 @@ def convnet3(
     depth: int = 3,
     norm: str = "instancenorm",
     pooling: str = "avg",
+    fit: str = "pad",
 ) -> DistillNet:
-    """depth x [conv3x3(width) -> norm -> ReLU -> pool2], then linear (2048-d embedding at 32x32)."""
+    """depth x [conv3x3(width) -> norm -> ReLU -> pool2], then linear (2048-d embedding at 32x32).
+
+    ``fit``: ``pad`` zero-pads the input to a multiple of 2^depth (28 -> 32: every pooling halves
+    exactly); ``floor`` takes it as it is and lets pooling floor (28 -> 14 -> 7 -> 3, a 1152-d
+    embedding, as the DM/DSA reference code does), 23 % fewer operations on MNIST.
+    """
     if depth < 1 or image_size < 2**depth:
         raise ConfigError(f"convnet with depth {depth} needs images of at least {2**depth}px, got {image_size}")
-    target = _round_up(image_size, 2**depth) if pooling != "none" else image_size
+    if fit not in ("pad", "floor"):
+        raise ConfigError(f"convnet fit {fit!r}: use pad or floor")
+    target = _round_up(image_size, 2**depth) if pooling != "none" and fit == "pad" else image_size
     stages = OrderedDict(
         (f"block{i + 1}", _conv_block(channels if i == 0 else width, width, norm, pooling)) for i in range(depth)
     )

@@ -48,3 +48,21 @@ def test_crop_is_an_exact_integer_translation_with_zero_fill():
 def test_flip_is_dropped_for_digits():
     assert "flip" not in strategy_for_dataset("mnist").split("_")
     assert "flip" in strategy_for_dataset("cifar10").split("_")
+
+
+def test_composed_augment_with_nothing_to_do_is_the_identity_and_each_part_does_its_job():
+    from common.augment import ComposedAugment
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 16, 16)
+    assert torch.allclose(ComposedAugment(0, 0, 0, 0)(x, g), x, atol=1e-6)
+    assert torch.allclose(ComposedAugment(0, 0, 1.0, 0)(x, g), x.flip(3), atol=1e-6)  # always flip
+    shifted = ComposedAugment(0.25, 0, 0, 0)(torch.ones(64, 1, 16, 16), g)
+    # zero fill: a shift leaves some border pixels empty, and never more than a quarter of a side
+    assert bool((shifted.flatten(1).min(1).values < 0.5).any())
+    assert float(shifted[:, :, 4:12, 4:12].min()) > 0.99
+    noisy = ComposedAugment(0, 0, 0, 0.1)(x, g)
+    assert 0.08 < float((noisy - x).std()) < 0.12
+    a = ComposedAugment()(x, torch.Generator().manual_seed(5))
+    assert torch.equal(a, ComposedAugment()(x, torch.Generator().manual_seed(5)))  # seeded
+    assert ComposedAugment().for_dataset("mnist").flip == 0.0 and ComposedAugment().for_dataset("cifar10").flip == 0.5

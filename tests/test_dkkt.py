@@ -169,3 +169,21 @@ def test_dsv_from_noise_reads_no_real_image(digits, digits_model):
     task.real = poisoned  # any read of a real image would turn the result into NaN
     out = distill("dsv", task, {"iterations": 3, "init": "noise", "global_model": str(digits_model)})
     assert torch.isfinite(out.images).all()
+
+
+def test_published_dkkt_loss_is_one_augmented_pass_unless_the_clean_term_is_asked_for(digits, digits_model):
+    task = make_task(digits, 2, pipc=10, seed=0, progress=False)
+    labels = torch.arange(10).repeat_interleave(2)
+    syn = task.real.images[:20].clone().requires_grad_(True)
+    passes = {}
+    for clean in (False, True):
+        term = DKKTLoss(task, DKKTOptions(global_model=str(digits_model), kkt_clean_term=clean), labels)
+        seen = []
+        term.model.register_forward_hook(lambda module, inputs, output, seen=seen: seen.append(inputs[0].detach()))
+        passes[clean] = (term.loss(syn, 0), seen)
+    published, (augmented,) = passes[False]  # one forward, on an augmented copy
+    with_clean, (augmented_again, clean_input) = passes[True]
+    assert not torch.allclose(augmented, syn) and torch.equal(augmented, augmented_again)  # same draw for t = 0
+    assert torch.equal(clean_input, syn.detach())
+    clean_only = DKKTLoss(task, DKKTOptions(global_model=str(digits_model), kkt_aug_weight=0), labels).loss(syn, 0)
+    assert float(with_clean) == pytest.approx(float(published) + float(clean_only), rel=1e-5)

@@ -6,8 +6,12 @@ lambda_i >= 0:
 
     L_stat   = mean over the chosen parameter entries | theta* + grad_theta sum_i lambda_i CE_i |
     L_primal = (1/M) sum_i CE_i over the samples not yet classified as y_i
-    L_DKKT   = L_kkt(x) + a * L_kkt(A(x)) + beta_tv TV(x) + beta_norm ||x||^2,
+    L_DKKT   = a * L_kkt(A(x)) [+ L_kkt(x)] + beta_tv TV(x) + beta_norm ||x||^2,
     L_kkt    = L_stat + beta_primal * L_primal
+
+A is the published composed augmentation (crop, translate, flip, noise in one per-image copy,
+:class:`~common.augment.ComposedAugment`), a = 5; the un-augmented term L_kkt(x) is not in the
+published loss and is off unless ``kkt_clean_term`` (or ``kkt_aug_weight`` 0) asks for it.
 
 The weighted sum of per-sample gradients is one gradient of the lambda-weighted loss sum
 (``create_graph=True``, i.e. double backprop), so no per-sample gradients are computed.
@@ -23,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common.augment import DSA, strategy_for_dataset
+from common.augment import ComposedAugment
 from common.datasets import DatasetInfo
 from common.errors import ConfigError
 from common.modelio import load_model
@@ -42,9 +46,12 @@ class DKKTOptions:
     beta_primal: float = 2e-3
     beta_tv: float = 0.0
     beta_norm: float = 0.0
-    kkt_aug_weight: float = 5.0  # weight of the KKT terms on an augmented copy (0: no augmented copy)
-    kkt_aug_strategy: str = "crop_flip_scale"  # DSA families for the augmented copy (flip dropped for digits)
-    kkt_aug_noise: float = 0.05  # std of Gaussian noise added to the augmented copy
+    kkt_aug_weight: float = 5.0  # weight of the KKT terms on the augmented copy (0: no augmented copy)
+    kkt_clean_term: bool = False  # also the KKT terms on the un-augmented images (not in the published loss)
+    kkt_translate: float = 0.125  # augmented copy: shift by up to this fraction of the side
+    kkt_crop: float = 0.2  # ... keep a square of side U[1 - crop, 1], resized back
+    kkt_flip: float = 0.5  # ... horizontal flip probability (0 for digit datasets)
+    kkt_aug_noise: float = 0.05  # ... std of the Gaussian noise added
     kkt_batch: int = 0  # synthetic images per KKT step (0: all); a subset is rescaled by M / batch
 
     def check(self, method: str) -> None:
@@ -129,8 +136,9 @@ class DKKTLoss:
         self.lambda0 = initial_lambda(options, len(labels), self.meta.get("weight_decay"))
         self.lam = torch.full((len(labels),), self.lambda0, device=task.device, requires_grad=True)
         self.optimizer = torch.optim.Adam([self.lam], lr=options.lambda_lr * self.lambda0)
-        strategy = strategy_for_dataset(task.info.name, options.kkt_aug_strategy)
-        self.dsa = DSA(strategy) if options.kkt_aug_weight > 0 else None
+        augment = ComposedAugment(options.kkt_translate, options.kkt_crop, options.kkt_flip, options.kkt_aug_noise)
+        self.augment = augment.for_dataset(task.info.name) if options.kkt_aug_weight > 0 else None
+        self.clean_term = options.kkt_clean_term or self.augment is None
 
     def kkt(self, x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(L_stat + beta_primal L_primal, accuracy)`` on one batch."""
@@ -147,12 +155,13 @@ class DKKTLoss:
             x, y, lam = syn[pick], self.labels[pick], self.lam[pick] * (m / batch)
         else:
             x, y, lam = syn, self.labels, self.lam
-        total, self.accuracy = self.kkt(x, y, lam)
-        if self.dsa is not None:
-            params = self.dsa.sample(len(x), self.task.info.image_size, g)
-            noise = torch.randn(x.shape, generator=g).to(x.device) * self.options.kkt_aug_noise
-            aug_loss, _ = self.kkt(self.dsa.apply(x, params) + noise, y, lam)
+        total = syn.new_zeros(())
+        if self.augment is not None:
+            aug_loss, self.accuracy = self.kkt(self.augment(x, g), y, lam)
             total = total + self.options.kkt_aug_weight * aug_loss
+        if self.clean_term:
+            clean_loss, self.accuracy = self.kkt(x, y, lam)  # the summary's primal accuracy: un-augmented
+            total = total + clean_loss
         if self.options.beta_tv:
             total = total + self.options.beta_tv * total_variation(syn)
         if self.options.beta_norm:
