@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -103,3 +104,16 @@ def test_cli_dm_writes_loss_curve_and_grid(tmp_path):
     assert (out / "grid.png").stat().st_size > 100
     assert not (tmp_path / "dm.work").exists()  # checkpoints are removed once the artifact is written
     assert main(args[:-5] + ["--out", str(tmp_path / "dm2"), "--resume", "--no-progress"]) == 2
+
+
+def test_memory_layout_does_not_change_the_gradient_and_psi_sees_the_images_own_size(digits):
+    task = make_task(digits, 2, pipc=8, seed=0, progress=False)
+    grads = []
+    for channels_last in (False, True):
+        syn = digits.train.images[:20].clone().requires_grad_(True)
+        DMLoss(task, DMConfig(channels_last=channels_last)).backward(syn, 0)
+        grads.append(syn.grad)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+    mnist_like = replace(task, info=replace(task.info, image_size=28))
+    assert DMLoss(mnist_like, DMConfig()).network(0).embed_dim == 128 * 3 * 3  # no padding to 32
+    assert DMLoss(mnist_like, DMConfig(embed_fit="pad")).network(0).embed_dim == 2048

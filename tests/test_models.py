@@ -31,6 +31,7 @@ def test_forward_embedding_and_features(name, channels, size):
 
 def test_convnet_embedding_is_2048_at_28x28_and_options_change_the_net():
     assert build_model("convnet3", 1, 10, 28).embed_dim == 2048  # 28 is padded to 32
+    assert build_model("convnet3", 1, 10, 28, fit="floor").embed_dim == 128 * 3 * 3  # 28 -> 14 -> 7 -> 3
     small = build_model("convnet3", 1, 10, 8)
     assert small.embed_dim == 128
     deeper = build_model("convnet3", 3, 10, 32, depth=4, width=64, norm="batchnorm")

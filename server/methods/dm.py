@@ -42,7 +42,6 @@ class DMConfig:
     batch_classes: bool = False  # one forward for all classes instead of one per class
     embed_fit: str = "floor"  # psi sees the images at their own size (floor) or padded (pad; 28 -> 32 px)
     channels_last: bool = True  # NHWC activations: faster convolutions on CPUs (and tensor cores)
-    real_precision: str = "float32"  # float32 | bfloat16: the real images' forward (no gradient needed)
     checkpoint_every: int = 500  # iterations between checkpoints (0: never)
     resume: bool = False  # continue from the last checkpoint in the task's workdir
     log_every: int = 10  # iterations averaged into one loss-curve point
@@ -55,8 +54,6 @@ class DMConfig:
             raise ConfigError(f"dm init {self.init!r}: use real or noise")
         if self.embed_fit not in ("floor", "pad"):
             raise ConfigError(f"dm embed_fit {self.embed_fit!r}: use floor or pad")
-        if self.real_precision not in ("float32", "bfloat16"):
-            raise ConfigError(f"dm real_precision {self.real_precision!r}: use float32 or bfloat16")
 
 
 def initial_images(task: DistillTask, init: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,11 +106,8 @@ class DMLoss:
         return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
 
     def real_embedding_mean(self, net: torch.nn.Module, real: torch.Tensor) -> torch.Tensor:
-        """mean psi(A(x)) over a real batch: no autograd graph, optionally in bfloat16, mean in float32."""
+        """mean psi(A(x)) over a real batch, without an autograd graph."""
         with torch.no_grad():
-            if self.config.real_precision == "bfloat16":
-                with torch.autocast(real.device.type, dtype=torch.bfloat16):
-                    return net.embed(self.layout(real)).float().mean(0)
             return net.embed(self.layout(real)).mean(0)
 
     def class_batches(self, syn: torch.Tensor, g: torch.Generator):
