@@ -84,6 +84,7 @@ def test_server_distillation_rounds_inside_a_simulation_and_the_summary_table(tm
 @pytest.mark.e2e
 def test_flwr_run_of_the_project_on_flowers_own_local_simulation_superlink(tmp_path):
     """`flwr run . local`: Flower's default connection starts a simulation SuperLink of its own."""
+    import contextlib
     import os
     import signal
     import socket
@@ -121,6 +122,8 @@ def test_flwr_run_of_the_project_on_flowers_own_local_simulation_superlink(tmp_p
         assert "round   1: global accuracy" in printed  # the ServerApp's progress line, streamed
         assert "deprecat" not in printed.lower()
     finally:  # Flower leaves its managed SuperLink running, detached, in a session of its own
-        found = subprocess.run(["pgrep", "-f", f"flower-superlink.*--port {http_port}"], capture_output=True, text=True)
-        for pid in found.stdout.split():
-            os.killpg(int(pid), signal.SIGTERM)
+        for stat in Path("/proc").glob("[0-9]*/cmdline"):
+            with contextlib.suppress(OSError, ProcessLookupError):
+                command_line = stat.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                if "flower-superlink" in command_line and f"--port {http_port}" in command_line:
+                    os.killpg(int(stat.parent.name), signal.SIGTERM)
