@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -187,3 +188,72 @@ def test_published_dkkt_loss_is_one_augmented_pass_unless_the_clean_term_is_aske
     assert torch.equal(clean_input, syn.detach())
     clean_only = DKKTLoss(task, DKKTOptions(global_model=str(digits_model), kkt_aug_weight=0), labels).loss(syn, 0)
     assert float(with_clean) == pytest.approx(float(published) + float(clean_only), rel=1e-5)
+
+
+def test_the_weight_decay_rule_makes_an_exactly_trained_classifier_stationary():
+    """Convex last layer: mean CE + wd/2 |theta|^2 minimised to machine precision on N samples."""
+    from server.methods.dkkt import lambda_from_weight_decay
+
+    torch.manual_seed(0)
+    n, wd = 60, 1e-2
+    x, y = torch.randn(n, 5, dtype=torch.float64), torch.randint(0, 3, (n,))
+    model = torch.nn.Linear(5, 3).double()
+    optimizer = torch.optim.LBFGS(
+        model.parameters(),
+        lr=1,
+        max_iter=500,
+        tolerance_grad=1e-14,
+        tolerance_change=1e-16,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y) + wd / 2 * sum((p**2).sum() for p in model.parameters())
+        loss.backward()
+        return loss
+
+    for _ in range(10):
+        optimizer.step(closure)
+    params = list(model.parameters())
+    lam = torch.full((n,), lambda_from_weight_decay(n, wd), dtype=torch.float64)
+    at_rule, _, _ = stationarity_loss(model, params, x, y, lam)
+    scale = sum(p.abs().sum() for p in params) / sum(p.numel() for p in params)
+    assert float(at_rule) < 1e-6 * float(scale)  # theta* + sum_i lambda_i grad CE_i = 0
+    for wrong in (lam * 2, lam / 2, -lam):  # another scale, or the opposite sign, is far from stationary
+        assert float(stationarity_loss(model, params, x, y, wrong)[0]) > 0.1 * float(scale)
+
+
+def test_the_primal_term_counts_only_misclassified_samples():
+    from server.methods.dkkt import primal_loss
+
+    logits = torch.tensor([[3.0, 0.0], [0.0, 3.0], [2.0, 0.0]], requires_grad=True)
+    y = torch.tensor([0, 0, 1])  # the first is right, the other two wrong
+    ce = F.cross_entropy(logits, y, reduction="none")
+    primal, accuracy = primal_loss(logits, ce, y)
+    assert float(primal) == pytest.approx(float(ce[1:].sum()) / 3) and float(accuracy) == pytest.approx(1 / 3)
+    primal.backward()
+    assert float(logits.grad[0].abs().sum()) == 0 and float(logits.grad[1:].abs().sum()) > 0
+
+
+def test_the_augmentation_weight_scales_the_published_loss(digits, digits_model):
+    task = make_task(digits, 2, pipc=10, seed=0, progress=False)
+    labels = torch.arange(10).repeat_interleave(2)
+    syn = task.real.images[:20].clone().requires_grad_(True)
+    losses = [
+        float(DKKTLoss(task, DKKTOptions(global_model=str(digits_model), kkt_aug_weight=w), labels).loss(syn, 3))
+        for w in (1.0, 5.0)
+    ]
+    assert losses[1] == pytest.approx(5 * losses[0], rel=1e-6) and losses[0] > 0
+
+
+def test_kkt_batch_rescales_the_multipliers_to_the_whole_set(digits, digits_model):
+    """Identical images: a subset of B with lambda x M / B has exactly the stationarity sum of all M."""
+    task = make_task(digits, 2, pipc=10, seed=0, progress=False)
+    labels = torch.zeros(12, dtype=torch.int64)
+    syn = task.real.images[:1].repeat(12, 1, 1, 1).requires_grad_(True)
+    options = DKKTOptions(global_model=str(digits_model), kkt_aug_weight=0)
+    full = float(DKKTLoss(task, options, labels).loss(syn, 0))
+    for batch in (3, 4, 6):
+        sub = float(DKKTLoss(task, replace(options, kkt_batch=batch), labels).loss(syn, 0))
+        assert sub == pytest.approx(full, rel=1e-5)

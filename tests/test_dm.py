@@ -117,3 +117,18 @@ def test_memory_layout_does_not_change_the_gradient_and_psi_sees_the_images_own_
     mnist_like = replace(task, info=replace(task.info, image_size=28))
     assert DMLoss(mnist_like, DMConfig()).network(0).embed_dim == 128 * 3 * 3  # no padding to 32
     assert DMLoss(mnist_like, DMConfig(embed_fit="pad")).network(0).embed_dim == 2048
+
+
+def test_the_dm_network_is_drawn_anew_every_iteration_and_reproducibly(digits):
+    task = make_task(digits, 2, pipc=8, seed=0, progress=False)
+    objective = DMLoss(task, DMConfig())
+    first, again, second = (objective.network(t).state_dict() for t in (0, 0, 1))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.allclose(first["stages.block2.0.weight"], second["stages.block2.0.weight"])
+    seen = []
+    original = objective.network
+    objective.network = lambda t: seen.append(t) or original(t)
+    syn = digits.train.images[:20].clone().requires_grad_(True)
+    for t in range(3):
+        objective.backward(syn, t)
+    assert seen == [0, 1, 2]

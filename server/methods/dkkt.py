@@ -117,6 +117,12 @@ def stationarity_loss(
     return total / sum(p.numel() for p in params), ce, logits
 
 
+def primal_loss(logits: torch.Tensor, ce: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L_primal, accuracy)``: the cross-entropy of the misclassified samples only, over the batch size."""
+    wrong = (logits.argmax(1) != y).float()
+    return (ce * wrong).sum() / len(y), 1 - wrong.mean()
+
+
 def total_variation(x: torch.Tensor) -> torch.Tensor:
     return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
 
@@ -143,9 +149,8 @@ class DKKTLoss:
     def kkt(self, x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(L_stat + beta_primal L_primal, accuracy)`` on one batch."""
         stat, ce, logits = stationarity_loss(self.model, self.params, x, y, lam)
-        wrong = (logits.argmax(1) != y).float()
-        primal = (ce * wrong).sum() / len(y)
-        return stat + self.options.beta_primal * primal, 1 - wrong.mean()
+        primal, accuracy = primal_loss(logits, ce, y)
+        return stat + self.options.beta_primal * primal, accuracy
 
     def loss(self, syn: torch.Tensor, iteration: int) -> torch.Tensor:
         g = make_generator(derive_seed("dkkt-iter", self.task.seed, iteration))
