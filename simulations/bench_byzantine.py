@@ -60,6 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--norm-bound", type=float, default=3.0, help="relative norm bound of the screening (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench-byzantine")
+    p.add_argument("--report", action="store_true", help="only print the table of the cells finished so far")
     return p.parse_args(argv)
 
 
@@ -198,7 +199,7 @@ def main(argv=None) -> int:
     _play_the_server()
     out = Path(args.out)
     cells = Cells(out / "cells.json")
-    fleet = Fleet(args)
+    fleet = None if args.report else Fleet(args)
     strategies = [s for s in args.strategies.split(",") if s]
     fractions = [float(f) for f in args.fractions.split(",") if f]
     plan = [("none", 0.0)] if 0.0 in fractions else []
@@ -216,7 +217,7 @@ def main(argv=None) -> int:
     for attack, fraction in plan:
         for name in strategies:
             key = {**setup, "strategy": name, "attack": attack, "fraction": fraction}
-            if cells.get(key) is None:
+            if cells.get(key) is None and fleet is not None:
                 result = run_cell(fleet, name, attack, fraction)
                 cells.add({**key, **result})
                 print(
@@ -233,8 +234,9 @@ def main(argv=None) -> int:
         f"\n\n{table(mine, strategies)}\n"
     )
     print("\n" + text)
-    name = "table.md" if "norm_bound" not in setup else f"table-norm-bound-{args.norm_bound:g}.md"
-    atomic_write_bytes(out / name, text.encode())
+    if not args.report:
+        name = "table.md" if "norm_bound" not in setup else f"table-norm-bound-{args.norm_bound:g}.md"
+        atomic_write_bytes(out / name, text.encode())
     return 0
 
 
