@@ -85,6 +85,12 @@ class Flower:
         self.procs.append(proc)
         return proc, log
 
+    def start_listening(self, name: str, port: int, *args: str) -> tuple[subprocess.Popen, Path]:
+        """Start a server process and return once it accepts connections on ``port``."""
+        proc, log = self.start(name, *args)
+        _wait_for_port(port, proc, log)
+        return proc, log
+
     def run(self, name: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
         return subprocess.run(
             [str(BIN / args[0]), *args[1:]],
@@ -180,8 +186,9 @@ def _write_cli_connection(home: Path, name: str, address: str, ca: Path) -> None
 
 
 def _start_superlink(flower: Flower, certs: Path, port: int) -> tuple[subprocess.Popen, Path]:
-    link, log = flower.start(
+    return flower.start_listening(
         "superlink",
+        port,
         "flower-superlink",
         *("--ssl-ca-certfile", str(certs / "ca.crt")),
         *("--ssl-certfile", str(certs / "server.crt")),
@@ -189,21 +196,17 @@ def _start_superlink(flower: Flower, certs: Path, port: int) -> tuple[subprocess
         "--enable-supernode-auth",
         *("--port", str(port)),
     )
-    _wait_for_port(port, link, log)
-    return link, log
 
 
 def _start_gateway(flower: Flower, certs: Path, port: int, link_port: int) -> tuple[subprocess.Popen, Path]:
-    gateway, log = flower.start(
+    return flower.start_listening(
         "gateway",
-        "edgedistill",
-        "fleet-gateway",
+        port,
+        *("edgedistill", "fleet-gateway"),
         *("--listen", f"127.0.0.1:{port}", "--superlink", f"127.0.0.1:{link_port}"),
         *("--ssl-certfile", str(certs / "server.crt"), "--ssl-keyfile", str(certs / "server.key")),
         *("--superlink-ca", str(certs / "ca.crt")),
     )
-    _wait_for_port(port, gateway, log)
-    return gateway, log
 
 
 def _refused_by_gateway(port: int, certs: Path, path: str) -> tuple[int, str]:
