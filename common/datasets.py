@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.errors import DatasetNotFoundError, EdgeDistillError
+from common.errors import ConfigError, DatasetNotFoundError, EdgeDistillError
 from common.registry import Registry
 from common.runtime import default_cache_dir
 
@@ -99,11 +99,16 @@ def resolve_data_roots(data_root: str | Path | None = None, cache_dir: str | Pat
     """Explicit root, else ``$EDGEDISTILL_DATA``, else the cache dir itself."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir() / "data"
     if data_root:
-        root = Path(data_root).expanduser()
+        root, named_by = Path(data_root).expanduser(), "--data-root"
     elif os.environ.get(DATA_ENV):
-        root = Path(os.environ[DATA_ENV]).expanduser()
+        root, named_by = Path(os.environ[DATA_ENV]).expanduser(), f"${DATA_ENV}"
     else:
-        root = cache
+        return DataRoots(root=cache, cache=cache)
+    if not root.is_dir():  # never fall back to another copy of the data silently
+        raise ConfigError(
+            f"{named_by} {root}: no such directory; point it at the folder holding MNIST/, FashionMNIST/ or "
+            f"cifar10/ (e.g. ../shared/data), or leave it out to use {cache}"
+        )
     return DataRoots(root=root, cache=cache)
 
 

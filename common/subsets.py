@@ -49,11 +49,17 @@ def public_subset_indices(labels: torch.Tensor, num_classes: int, pipc: int | No
     """
     if pipc is None:
         return torch.arange(labels.shape[0])
+    sizes = torch.bincount(labels, minlength=num_classes)[:num_classes]
+    if int(sizes.min()) == 0:
+        raise ConfigError(f"class {int(sizes.argmin())} has no training images; the public subset cannot include it")
+    if pipc > int(sizes.min()):  # asking for more than a class holds is an error, not 'all'
+        raise ConfigError(
+            f"--pipc {pipc} is more than class {int(sizes.argmin())} has ({int(sizes.min())} training images); "
+            f"use at most {int(sizes.min())}, or 'all' for the whole training split"
+        )
     chosen = []
     for c in range(num_classes):
         members = torch.nonzero(labels == c, as_tuple=True)[0]
-        if len(members) == 0:
-            raise ConfigError(f"class {c} has no training images; the public subset cannot include it")
         order = torch.randperm(len(members), generator=make_generator(derive_seed("public-subset", seed, c)))
         chosen.append(members[order[:pipc]])
     return torch.sort(torch.cat(chosen)).values

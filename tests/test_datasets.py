@@ -77,14 +77,16 @@ def test_imagefolder_loader(tmp_path):
 
 
 def test_missing_dataset_says_where_it_looked(tmp_path):
+    (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetNotFoundError, match="--data-root") as info:
-        load_dataset("mnist", data_root=tmp_path / "nowhere", cache_dir=tmp_path / "cache")
-    assert str(tmp_path / "nowhere") in str(info.value)
+        load_dataset("mnist", data_root=tmp_path / "empty", cache_dir=tmp_path / "cache")
+    assert str(tmp_path / "empty") in str(info.value)
     assert dict((n, w) for n, w, _ in dataset_availability(tmp_path))["mnist"] is None
 
 
 def test_cli_reports_a_missing_dataset_in_one_line(tmp_path):
     env_root = tmp_path / "empty"
+    env_root.mkdir()
     proc = subprocess.run(
         [
             sys.executable,
@@ -107,3 +109,25 @@ def test_cli_reports_a_missing_dataset_in_one_line(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: svhn not found") and "Traceback" not in proc.stderr
+
+
+def test_a_missing_data_root_is_an_error_not_a_silent_fallback_to_the_cache(tmp_path, monkeypatch):
+    from common.datasets import resolve_data_roots
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--data-root .*nowhere: no such directory"):
+        load_dataset("mnist", data_root=tmp_path / "nowhere")
+    monkeypatch.setenv("EDGEDISTILL_DATA", str(tmp_path / "gone"))
+    with pytest.raises(ConfigError, match=r"\$EDGEDISTILL_DATA .*gone: no such directory"):
+        resolve_data_roots()
+    assert resolve_data_roots(tmp_path).root == tmp_path  # an existing root is used as given
+
+
+def test_a_public_subset_larger_than_a_class_is_refused_with_the_largest_possible_value(digits):
+    from common.errors import ConfigError
+    from common.subsets import public_subset_indices
+
+    smallest = int(torch.bincount(digits.train.labels).min())
+    assert len(public_subset_indices(digits.train.labels, 10, smallest, seed=0)) == 10 * smallest
+    with pytest.raises(ConfigError, match=rf"--pipc {smallest + 1} is more than .*use at most {smallest}, or 'all'"):
+        public_subset_indices(digits.train.labels, 10, smallest + 1, seed=0)
