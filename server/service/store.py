@@ -1,0 +1,198 @@
+"""The job table of the distillation service: SQLite in WAL mode under the service's state directory.
+
+It is the single source of truth every executor and API call goes through, so a restart of the
+service loses nothing: queued jobs stay queued, and :meth:`JobStore.recover` puts the jobs that
+were running when the process died back in the queue (their method checkpoint lets them resume).
+Every change is one transaction; :meth:`JobStore.claim` hands each queued job to exactly one
+worker even when several processes claim at once (``BEGIN IMMEDIATE`` takes the write lock first).
+Jobs are plain dicts with the columns below; ``request`` is the submitted request as a dict.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+from common.errors import EdgeDistillError
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+ENDED = (SUCCEEDED, FAILED, CANCELLED)
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    state TEXT NOT NULL,
+    request TEXT NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 0,
+    submitted_at REAL NOT NULL,
+    started_at REAL NOT NULL DEFAULT 0,
+    finished_at REAL NOT NULL DEFAULT 0,
+    iteration INTEGER NOT NULL DEFAULT 0,
+    iterations INTEGER NOT NULL DEFAULT 0,
+    loss REAL NOT NULL DEFAULT 0,
+    error TEXT NOT NULL DEFAULT '',
+    artifact TEXT NOT NULL DEFAULT '',
+    artifact_sha256 TEXT NOT NULL DEFAULT '',
+    accuracy REAL NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    worker TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority DESC, seq);
+"""
+
+
+class JobNotFound(EdgeDistillError):
+    """No job with that id (the API answers NOT_FOUND)."""
+
+
+class JobStateError(EdgeDistillError):
+    """The job is not in a state that allows the change (the API answers FAILED_PRECONDITION)."""
+
+
+class JobStore:
+    def __init__(self, path: str | Path, timeout: float = 30.0) -> None:
+        self.path, self.timeout = Path(path), timeout
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA synchronous=FULL")  # a finished transaction survives a power cut
+        return db
+
+    @contextmanager
+    def _transaction(self):
+        db = self._connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        finally:
+            db.close()
+
+    @staticmethod
+    def _job(row: sqlite3.Row | None) -> dict | None:
+        if row is None:
+            return None
+        job = dict(row)
+        job["request"] = json.loads(job["request"])
+        return job
+
+    # ---------------------------------------------------------------- the API's calls
+    def submit(self, request: dict, priority: int = 0) -> dict:
+        """Queue a validated request; returns the new job."""
+        job_id = uuid.uuid4().hex[:16]
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO jobs (id, state, request, priority, submitted_at) VALUES (?, ?, ?, ?, ?)",
+                (job_id, QUEUED, json.dumps(request, sort_keys=True), int(priority), time.time()),
+            )
+            return self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+    def get(self, job_id: str) -> dict:
+        db = self._connect()
+        try:
+            job = self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+        finally:
+            db.close()
+        if job is None:
+            raise JobNotFound(f"no job {job_id!r}; list the jobs to find its id")
+        return job
+
+    def list(self, state: str | None = None, page_size: int = 50, page_token: str = "") -> tuple[list[dict], str]:
+        """Newest first; ``(jobs, next_page_token)``, the token empty on the last page."""
+        if state is not None and state not in STATES:
+            raise EdgeDistillError(f"unknown job state {state!r}; use one of {', '.join(STATES)}")
+        before = _decode_token(page_token)
+        query, args = "SELECT * FROM jobs WHERE seq < ?", [before]
+        if state is not None:
+            query, args = query + " AND state = ?", [*args, state]
+        db = self._connect()
+        try:
+            rows = db.execute(query + " ORDER BY seq DESC LIMIT ?", (*args, page_size + 1)).fetchall()
+        finally:
+            db.close()
+        jobs = [self._job(r) for r in rows[:page_size]]
+        token = _encode_token(jobs[-1]["seq"]) if len(rows) > page_size else ""
+        return jobs, token
+
+    def cancel(self, job_id: str) -> dict:
+        with self._transaction() as db:
+            job = self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            if job is None:
+                raise JobNotFound(f"no job {job_id!r}; list the jobs to find its id")
+            if job["state"] in ENDED:
+                raise JobStateError(f"job {job_id} already ended ({job['state']}); nothing to cancel")
+            db.execute("UPDATE jobs SET state = ?, finished_at = ? WHERE id = ?", (CANCELLED, time.time(), job_id))
+            return self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+    # ---------------------------------------------------------------- the executors' calls
+    def claim(self, worker: str) -> dict | None:
+        """The next queued job (highest priority, then oldest), now RUNNING for ``worker``; None if none."""
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT id FROM jobs WHERE state = ? ORDER BY priority DESC, seq LIMIT 1", (QUEUED,)
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET state = ?, worker = ?, started_at = ?, attempts = attempts + 1 WHERE id = ?",
+                (RUNNING, worker, time.time(), row["id"]),
+            )
+            return self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
+
+    def progress(self, job_id: str, iteration: int, iterations: int, loss: float) -> bool:
+        """Record progress; False when the job is no longer running (cancelled: the worker stops)."""
+        with self._transaction() as db:
+            changed = db.execute(
+                "UPDATE jobs SET iteration = ?, iterations = ?, loss = ? WHERE id = ? AND state = ?",
+                (int(iteration), int(iterations), float(loss), job_id, RUNNING),
+            ).rowcount
+        return changed == 1
+
+    def finish(self, job_id: str, state: str, **result) -> None:
+        """End a running job: SUCCEEDED with artifact / artifact_sha256 / accuracy, or FAILED with error."""
+        if state not in (SUCCEEDED, FAILED):
+            raise ValueError(f"finish() takes SUCCEEDED or FAILED, not {state}")
+        allowed = {"error", "artifact", "artifact_sha256", "accuracy"}
+        if unknown := set(result) - allowed:
+            raise ValueError(f"unknown result fields {sorted(unknown)}")
+        columns = ", ".join(f"{k} = ?" for k in result)
+        with self._transaction() as db:
+            db.execute(
+                f"UPDATE jobs SET state = ?, finished_at = ?{', ' + columns if columns else ''} "
+                "WHERE id = ? AND state = ?",
+                (state, time.time(), *result.values(), job_id, RUNNING),
+            )
+
+    def recover(self) -> list[str]:
+        """At start: jobs left RUNNING by a dead process go back to the queue; returns their ids."""
+        with self._transaction() as db:
+            ids = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE state = ?", (RUNNING,)).fetchall()]
+            db.execute("UPDATE jobs SET state = ?, worker = '' WHERE state = ?", (QUEUED, RUNNING))
+        return ids
+
+
+def _encode_token(seq: int) -> str:
+    return base64.urlsafe_b64encode(str(seq).encode()).decode()
+
+
+def _decode_token(token: str) -> int:
+    if not token:
+        return 2**62
+    try:
+        return int(base64.urlsafe_b64decode(token.encode()).decode())
+    except (ValueError, UnicodeDecodeError):
+        raise EdgeDistillError("page_token is not one this server issued; start again from an empty token") from None
