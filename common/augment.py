@@ -11,7 +11,7 @@ Random numbers come from a CPU ``torch.Generator`` so runs match across devices.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -46,9 +46,14 @@ class AugParams:
     values: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def flips_keep_labels(dataset_name: str) -> bool:
+    """False for digit datasets: a mirrored 2 is not a 2."""
+    return dataset_name.split(":")[0] not in NO_FLIP_DATASETS
+
+
 def strategy_for_dataset(dataset_name: str, strategy: str = DEFAULT_STRATEGY) -> str:
     """Drop ``flip`` for digit datasets."""
-    if dataset_name.split(":")[0] in NO_FLIP_DATASETS:
+    if not flips_keep_labels(dataset_name):
         return "_".join(f for f in strategy.split("_") if f != "flip")
     return strategy
 
@@ -185,10 +190,8 @@ class ComposedAugment:
             raise ConfigError("augmentation needs 0 <= translate < 1, 0 <= crop < 1, 0 <= flip <= 1 and noise >= 0")
 
     def for_dataset(self, dataset_name: str) -> ComposedAugment:
-        """No flips for digit datasets (a flipped 2 is not a 2)."""
-        if dataset_name.split(":")[0] in NO_FLIP_DATASETS:
-            return ComposedAugment(self.translate, self.crop, 0.0, self.noise)
-        return self
+        """No flips where they change the label (:func:`flips_keep_labels`)."""
+        return self if flips_keep_labels(dataset_name) else replace(self, flip=0.0)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         n = x.shape[0]

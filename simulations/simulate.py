@@ -2,9 +2,9 @@
 
 Flower's supported path, the one ``flwr run .`` takes: :class:`SimulationLink` starts a SuperLink
 in simulation mode on a free loopback port and the SuperExec that runs its ServerApps (state, logs
-and CLI config under ``OUT/.flwr``), and
-``flwr run`` submits this project's ServerApp and ClientApp to it with the run config written from
-a :class:`FederationConfig` and N virtual SuperNodes. The ServerApp runs in the SuperLink's
+and CLI config under ``OUT/.flwr``), and ``flwr run`` submits this project's ServerApp and
+ClientApp to it with the run config written from a :class:`FederationConfig` and N virtual
+SuperNodes. The ServerApp runs in the SuperLink's
 ``flwr-simulation`` process; its output is streamed here. Flower is configured for machines
 without internet (no telemetry, no update check, no runtime dependency installation). The
 SuperLink and everything it started stop when the run ends, also on Ctrl-C.
@@ -49,10 +49,16 @@ def flower_tool(name: str) -> str:
     return str(path)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_ports(count: int = 1) -> list[int]:
+    """Distinct free TCP ports on 127.0.0.1 (all held open while choosing, so they differ)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 class SimulationLink:
@@ -68,7 +74,7 @@ class SimulationLink:
 
     def __init__(self, home: Path, env: dict[str, str]):
         self.home, self.env = home, env
-        self.port = free_port()
+        (self.port,) = free_ports(1)
         self.log = home / "superlink.log"
         self.processes: list[subprocess.Popen] = []
 
@@ -288,12 +294,10 @@ def run_simulated_fleet(config, clients: int, cpus_per_client: float = 1.0, echo
         raise EdgeDistillError(f"--cpus-per-client must be > 0, got {cpus_per_client}")
     config = absolute_paths(config)
     out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **flower_environment(out)}
     home = Path(env["FLWR_HOME"])
-    home.mkdir(parents=True, exist_ok=True)
     run_config = home / "run-config.toml"
-    atomic_write_bytes(run_config, tomli_w.dumps(config.to_run_config()).encode())
+    atomic_write_bytes(run_config, tomli_w.dumps(config.to_run_config()).encode())  # makes OUT/.flwr
     # Flower takes whole CPUs per virtual device: a fraction is had by giving Ray more logical CPUs
     logical_cpus = max(1, round((os.cpu_count() or 1) / cpus_per_client))
     federation = (

@@ -22,23 +22,11 @@ from pathlib import Path
 import pytest
 
 from common.cli import main
-from simulations.simulate import FLOWER_ENV
+from simulations.simulate import FLOWER_ENV, free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TOOLS = ("flwr", "flower-superlink", "flower-supernode")
-
-
-def _free_ports(count: int) -> list[int]:
-    """Distinct free TCP ports on 127.0.0.1 (all held open while choosing, so they differ)."""
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
@@ -238,7 +226,7 @@ def test_devices_behind_the_fleet_gateway_run_two_rounds_and_cannot_reach_the_co
 
     certs, out = tmp_path / "certs", tmp_path / "out"
     assert main(["certs", "--out", str(certs), "--nodes", "3"]) == 0
-    link_port, gateway_port, *node_ports = _free_ports(5)
+    link_port, gateway_port, *node_ports = free_ports(5)
     link, devices_port = f"127.0.0.1:{link_port}", f"127.0.0.1:{gateway_port}"
     flower = Flower(tmp_path)
     _write_cli_connection(tmp_path / "homes" / "cli", "edge", link, certs / "ca.crt")

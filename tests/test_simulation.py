@@ -1,13 +1,19 @@
 """Real Flower simulations (Simulation Engine on Ray) on the bundled digits."""
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("ray")
 
 from server.federation.run import FederationConfig  # noqa: E402
-from simulations.simulate import run_simulated_fleet  # noqa: E402
+from simulations.simulate import FLOWER_ENV, PROJECT_ROOT, free_ports, run_simulated_fleet  # noqa: E402
 
 
 def _config(out, rounds, resume=False) -> FederationConfig:
@@ -84,23 +90,8 @@ def test_server_distillation_rounds_inside_a_simulation_and_the_summary_table(tm
 @pytest.mark.e2e
 def test_flwr_run_of_the_project_on_flowers_own_local_simulation_superlink(tmp_path):
     """`flwr run . local`: Flower's default connection starts a simulation SuperLink of its own."""
-    import contextlib
-    import os
-    import signal
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from simulations.simulate import FLOWER_ENV, PROJECT_ROOT
-
     bin_dir = Path(sys.executable).parent
-    socks = [socket.socket() for _ in range(2)]
-    for sock in socks:
-        sock.bind(("127.0.0.1", 0))
-    http_port, control_port = (sock.getsockname()[1] for sock in socks)
-    for sock in socks:
-        sock.close()
+    http_port, control_port = free_ports(2)
     env = {
         **os.environ,
         **FLOWER_ENV,

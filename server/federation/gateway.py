@@ -100,14 +100,15 @@ def build_app(config: GatewayConfig):
         path = request.scope.get("raw_path", b"").decode("latin-1") or request.url.path
         if not is_fleet_route(request.method, path) or request.url.query:
             return PlainTextResponse(REFUSAL, status_code=403)
+        too_large = PlainTextResponse("request body too large for the fleet gateway", status_code=413)
         declared = request.headers.get("content-length", "0")
         if not declared.isdigit() or int(declared) > config.max_body_bytes:
-            return PlainTextResponse("request body too large for the fleet gateway", status_code=413)
+            return too_large
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > config.max_body_bytes:
-                return PlainTextResponse("request body too large for the fleet gateway", status_code=413)
+                return too_large
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
         try:
             reply = await upstream.request(request.method, path, content=bytes(body), headers=headers)

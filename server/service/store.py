@@ -83,9 +83,11 @@ class JobStore:
             db.close()
 
     @staticmethod
-    def _job(row: sqlite3.Row | None) -> dict | None:
+    def _fetch(db: sqlite3.Connection, job_id: str) -> dict:
+        """The job with ``job_id`` (request decoded); :class:`JobNotFound` if there is none."""
+        row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
-            return None
+            raise JobNotFound(f"no job {job_id!r}; list the jobs to find its id")
         job = dict(row)
         job["request"] = json.loads(job["request"])
         return job
@@ -99,17 +101,14 @@ class JobStore:
                 "INSERT INTO jobs (id, state, request, priority, submitted_at) VALUES (?, ?, ?, ?, ?)",
                 (job_id, QUEUED, json.dumps(request, sort_keys=True), int(priority), time.time()),
             )
-            return self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            return self._fetch(db, job_id)
 
     def get(self, job_id: str) -> dict:
         db = self._connect()
         try:
-            job = self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            return self._fetch(db, job_id)
         finally:
             db.close()
-        if job is None:
-            raise JobNotFound(f"no job {job_id!r}; list the jobs to find its id")
-        return job
 
     def list(self, state: str | None = None, page_size: int = 50, page_token: str = "") -> tuple[list[dict], str]:
         """Newest first; ``(jobs, next_page_token)``, the token empty on the last page."""
@@ -124,19 +123,17 @@ class JobStore:
             rows = db.execute(query + " ORDER BY seq DESC LIMIT ?", (*args, page_size + 1)).fetchall()
         finally:
             db.close()
-        jobs = [self._job(r) for r in rows[:page_size]]
+        jobs = [{**dict(r), "request": json.loads(r["request"])} for r in rows[:page_size]]
         token = _encode_token(jobs[-1]["seq"]) if len(rows) > page_size else ""
         return jobs, token
 
     def cancel(self, job_id: str) -> dict:
         with self._transaction() as db:
-            job = self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
-            if job is None:
-                raise JobNotFound(f"no job {job_id!r}; list the jobs to find its id")
+            job = self._fetch(db, job_id)
             if job["state"] in ENDED:
                 raise JobStateError(f"job {job_id} already ended ({job['state']}); nothing to cancel")
             db.execute("UPDATE jobs SET state = ?, finished_at = ? WHERE id = ?", (CANCELLED, time.time(), job_id))
-            return self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            return self._fetch(db, job_id)
 
     # ---------------------------------------------------------------- the executors' calls
     def claim(self, worker: str) -> dict | None:
@@ -151,7 +148,7 @@ class JobStore:
                 "UPDATE jobs SET state = ?, worker = ?, started_at = ?, attempts = attempts + 1 WHERE id = ?",
                 (RUNNING, worker, time.time(), row["id"]),
             )
-            return self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
+            return self._fetch(db, row["id"])
 
     def progress(self, job_id: str, iteration: int, iterations: int, loss: float) -> bool:
         """Record progress; False when the job is no longer running (cancelled: the worker stops)."""
