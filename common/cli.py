@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "datasets": ("common.commands", "list datasets and whether their files are available locally"),
     "certs": ("edge_client.certs", "create a TEST CA, SuperLink TLS certificate and SuperNode auth keys"),
     "fleet-gateway": ("server.federation.gateway", "TLS proxy that lets devices reach the Fleet API and nothing else"),
+    "serve": ("server.service.serve", "the distillation job service (gRPC): durable jobs, local or Ray workers"),
+    "jobs": ("server.service.client", "client of the job service: submit | list | watch | cancel | fetch"),
 }
 
 

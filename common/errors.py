@@ -18,3 +18,7 @@ class ArtifactError(EdgeDistillError):
 
 class ConfigError(EdgeDistillError):
     """A configuration value is out of range or unknown."""
+
+
+class Cancelled(EdgeDistillError):
+    """The run was cancelled from outside (a job service's client); nothing half-done is saved."""

@@ -75,3 +75,13 @@ def tensor_sha256(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
         digest.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
     return digest.hexdigest()
+
+
+def die_with_parent() -> None:
+    """Linux (a ``preexec_fn`` or a child's first call): SIGTERM this process when the process that
+    started it dies, even by SIGKILL, so no orphan keeps running a job or holding a port."""
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)

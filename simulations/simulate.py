@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from common.errors import EdgeDistillError
 from common.report import markdown_table
+from common.runtime import die_with_parent
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "edgedistill-sim"
@@ -117,7 +117,7 @@ class SimulationLink:
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
             )
         )
 
@@ -147,14 +147,6 @@ class SimulationLink:
                 process.kill()
                 process.wait()
         self.processes.clear()
-
-
-def _die_with_parent() -> None:
-    """Linux: a child gets SIGTERM when the process that started it dies (even by SIGKILL)."""
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def simulate_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:

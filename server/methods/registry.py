@@ -40,6 +40,8 @@ class DistillTask:
     progress: bool = True
     workdir: Path | None = None  # where a method may keep checkpoints
     allocation: dict[str, Any] | None = None  # how class-adaptive counts were chosen (None: fixed ipc)
+    # called as (iteration, iterations, loss) at every loss-curve point; returning False cancels the run
+    on_progress: Callable[[int, int, float], bool | None] | None = None
 
     def real_of_class(self, c: int) -> torch.Tensor:
         return torch.nonzero(self.real.labels == c, as_tuple=True)[0]

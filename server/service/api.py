@@ -1,0 +1,210 @@
+"""The ``DistillService`` gRPC servicer: requests in, job table rows out, errors as status codes.
+
+Every call is a thin translation between protobuf messages and :class:`JobStore` /
+:func:`validate_request` / :func:`receive_model`; the servicer holds no job state of its own, so
+any number of servers could answer from one table and a restart loses nothing. A refused request
+ends with ``context.abort(code, message)`` before anything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+import time
+from pathlib import Path
+
+import grpc
+
+from common.errors import EdgeDistillError
+from server.service.models import receive_model
+from server.service.runner import ServiceLayout
+from server.service.store import ENDED, QUEUED, RUNNING, SUCCEEDED, JobNotFound, JobStateError, JobStore
+from server.service.v1 import distill_pb2 as pb
+from server.service.v1 import distill_pb2_grpc as pb_grpc
+from server.service.validation import RequestError, validate_request
+
+WATCH_POLL_SECONDS = 0.25
+MAX_PAGE_SIZE = 500
+CHUNK_RANGE = (1024, 2 << 20)  # bytes per artifact chunk a client may ask for
+
+
+def request_to_dict(message: pb.SubmitJobRequest) -> dict:
+    return {
+        "method": message.method,
+        "dataset": message.dataset,
+        "global_model": message.global_model,
+        "ipc": message.ipc,
+        "class_counts": dict(message.class_counts),
+        "pipc": message.pipc,
+        "options": dict(message.options),
+        "seed": message.seed,
+        "priority": message.priority,
+        "label": message.label,
+    }
+
+
+def job_to_message(job: dict) -> pb.Job:
+    request = job["request"]
+    counts = {int(c): int(n) for c, n in request["counts"].items()}
+    uniform = len(set(counts.values())) == 1
+    submitted = pb.SubmitJobRequest(
+        method=request["method"],
+        dataset=request["dataset"],
+        global_model=request["global_model"],
+        ipc=next(iter(counts.values())) if uniform else 0,
+        class_counts={} if uniform else counts,
+        pipc=request["pipc"],
+        options=request["options"],
+        seed=request["seed"],
+        priority=request["priority"],
+        label=request["label"],
+    )
+    return pb.Job(
+        id=job["id"],
+        state=pb.JobState.Value(job["state"]),
+        request=submitted,
+        submitted_at=job["submitted_at"],
+        started_at=job["started_at"],
+        finished_at=job["finished_at"],
+        iteration=job["iteration"],
+        iterations=job["iterations"],
+        error=job["error"],
+        artifact=job["artifact"],
+        artifact_sha256=job["artifact_sha256"],
+        accuracy=job["accuracy"],
+        attempts=job["attempts"],
+    )
+
+
+def _phase(job: dict) -> str:
+    if job["state"] == QUEUED:
+        return "queued"
+    if job["state"] == RUNNING:
+        return "distilling" if job["iterations"] else "loading"
+    return "done"
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception):
+    if isinstance(exc, RequestError):
+        code = getattr(grpc.StatusCode, exc.code)
+    elif isinstance(exc, JobNotFound):
+        code = grpc.StatusCode.NOT_FOUND
+    elif isinstance(exc, JobStateError):
+        code = grpc.StatusCode.FAILED_PRECONDITION
+    else:
+        code = grpc.StatusCode.INVALID_ARGUMENT
+    context.abort(code, str(exc))
+
+
+class DistillService(pb_grpc.DistillServiceServicer):
+    def __init__(self, layout: ServiceLayout, data_root: str = "", max_upload_bytes: int = 256 << 20) -> None:
+        self.layout, self.data_root, self.max_upload_bytes = layout, data_root, max_upload_bytes
+        self.store = JobStore(layout.database)
+
+    def SubmitJob(self, request, context):
+        try:
+            normalised = validate_request(request_to_dict(request), self.data_root, self.layout.models)
+        except EdgeDistillError as exc:
+            _abort(context, exc)
+        return job_to_message(self.store.submit(normalised, priority=normalised["priority"]))
+
+    def GetJob(self, request, context):
+        try:
+            return job_to_message(self.store.get(request.id))
+        except EdgeDistillError as exc:
+            _abort(context, exc)
+
+    def ListJobs(self, request, context):
+        size = request.page_size or 50
+        if not 1 <= size <= MAX_PAGE_SIZE:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"page_size must be 1..{MAX_PAGE_SIZE} (0: 50)")
+        state = pb.JobState.Name(request.state) if request.state else None
+        try:
+            jobs, token = self.store.list(state, size, request.page_token)
+        except EdgeDistillError as exc:
+            _abort(context, exc)
+        return pb.ListJobsResponse(jobs=[job_to_message(j) for j in jobs], next_page_token=token)
+
+    def WatchJob(self, request, context):
+        try:
+            job = self.store.get(request.id)
+        except EdgeDistillError as exc:
+            _abort(context, exc)
+        last, first_seen = None, None
+        while context.is_active():
+            now, seen = time.time(), (job["state"], job["iteration"], job["attempts"])
+            if seen != last:
+                if job["state"] == RUNNING and job["iteration"] and first_seen is None:
+                    first_seen = (now, job["iteration"])
+                yield self._event(job, now, first_seen)
+                last = seen
+            if job["state"] in ENDED:
+                return
+            time.sleep(WATCH_POLL_SECONDS)
+            job = self.store.get(request.id)
+
+    @staticmethod
+    def _event(job: dict, now: float, first_seen: tuple[float, int] | None) -> pb.JobEvent:
+        eta = 0.0
+        if first_seen and job["iteration"] > first_seen[1]:
+            rate = (now - first_seen[0]) / (job["iteration"] - first_seen[1])
+            eta = rate * (job["iterations"] - job["iteration"])
+        metrics = {"accuracy": job["accuracy"]} if job["accuracy"] else {}
+        message = job["error"] or (f"artifact {job['artifact']}" if job["state"] == SUCCEEDED else "")
+        return pb.JobEvent(
+            id=job["id"],
+            state=pb.JobState.Value(job["state"]),
+            phase=_phase(job),
+            iteration=job["iteration"],
+            iterations=job["iterations"],
+            loss=job["loss"],
+            eta_seconds=eta,
+            metrics=metrics,
+            message=message,
+        )
+
+    def CancelJob(self, request, context):
+        try:
+            return job_to_message(self.store.cancel(request.id))
+        except EdgeDistillError as exc:
+            _abort(context, exc)
+
+    def UploadModel(self, request_iterator, context):
+        try:
+            ref = receive_model(request_iterator, self.layout.models, self.max_upload_bytes)
+        except EdgeDistillError as exc:
+            _abort(context, exc)
+        return pb.ModelRef(**ref)
+
+    def DownloadArtifact(self, request, context):
+        try:
+            job = self.store.get(request.id)
+        except EdgeDistillError as exc:
+            _abort(context, exc)
+        if job["state"] != SUCCEEDED:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"job {job['id']} is {job['state']}; only a SUCCEEDED job has an artifact (watch it first)",
+            )
+        size = request.chunk_bytes or (1 << 20)
+        if not CHUNK_RANGE[0] <= size <= CHUNK_RANGE[1]:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"chunk_bytes must be {CHUNK_RANGE[0]}..{CHUNK_RANGE[1]}")
+        archive = pack_directory(self.layout.artifacts / job["id"])
+        digest = hashlib.sha256(archive).hexdigest()
+        for start in range(0, len(archive), size):
+            first = start == 0
+            yield pb.ArtifactChunk(
+                total_bytes=len(archive) if first else 0,
+                sha256=digest if first else "",
+                data=archive[start : start + size],
+            )
+
+
+def pack_directory(directory: Path) -> bytes:
+    """An artifact directory (its regular files, sub-folders included) as an uncompressed tar archive."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for path in sorted(p for p in directory.rglob("*") if p.is_file() and not p.is_symlink()):
+            tar.add(str(path), arcname=path.relative_to(directory).as_posix(), recursive=False)
+    return buffer.getvalue()

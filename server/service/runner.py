@@ -1,0 +1,133 @@
+"""What a worker does with one claimed job: distil, write the artifact, record the outcome.
+
+Every executor (local processes, Ray tasks) calls :func:`run_job`; the job table is the only
+channel back. A job's method checkpoints live in ``work/<id>`` under the state directory: a job
+that was running when the service died is claimed again and resumes from there (the methods'
+resume is exact, so the artifact is the one an uninterrupted run writes). Progress goes into the
+table at every loss-curve point; when a client has cancelled the job, the next progress write
+says so and the run stops without writing anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import Cancelled, EdgeDistillError
+from server.service.store import FAILED, SUCCEEDED, JobStore
+
+
+@dataclass(frozen=True)
+class ServiceLayout:
+    """Where the service keeps its state (one directory, so a backup or a move is one copy)."""
+
+    root: Path
+
+    @property
+    def database(self) -> Path:
+        return self.root / "jobs.db"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def create(self) -> ServiceLayout:
+        for folder in (self.root, self.models, self.artifacts, self.work, self.logs):
+            folder.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+def run_job(layout: ServiceLayout, job: dict, data_root: str = "", device: str = "auto") -> str:
+    """Run a claimed job to its end; returns the state it ended in (SUCCEEDED, FAILED or CANCELLED)."""
+    store = JobStore(layout.database)
+    try:
+        artifact = distil_job(layout, store, job, data_root, device)
+    except Cancelled:
+        shutil.rmtree(layout.work / job["id"], ignore_errors=True)  # the table already says CANCELLED
+        return "CANCELLED"
+    except EdgeDistillError as exc:
+        store.finish(job["id"], FAILED, error=str(exc))
+        return FAILED
+    except Exception as exc:  # a bug or a broken machine: the job fails, the worker goes on
+        log = layout.logs / f"{job['id']}.log"
+        log.write_text(traceback.format_exc())
+        store.finish(job["id"], FAILED, error=f"internal error {type(exc).__name__}: {exc} (traceback in {log})")
+        return FAILED
+    store.finish(job["id"], SUCCEEDED, artifact=str(artifact), artifact_sha256=_images_sha256(artifact))
+    shutil.rmtree(layout.work / job["id"], ignore_errors=True)
+    return SUCCEEDED
+
+
+def distil_job(layout: ServiceLayout, store: JobStore, job: dict, data_root: str, device: str) -> Path:
+    """The artifact directory of a job, written atomically (the same files ``edgedistill distill`` writes)."""
+    from common.artifacts import save_distilled_set
+    from common.datasets import load_dataset
+    from common.runtime import resolve_device, seed_everything
+    from server.methods.registry import coerce_option, distill, get_method, make_task
+
+    request = job["request"]
+    method, job_id = request["method"], job["id"]
+    seed_everything(request["seed"])
+    data = load_dataset(request["dataset"], data_root=data_root or None)
+    workdir = layout.work / job_id
+    task = make_task(
+        data,
+        {int(c): int(n) for c, n in request["counts"].items()},
+        request["pipc"] or None,
+        seed=request["seed"],
+        device=resolve_device(device),
+        dataset_spec=request["dataset"],
+        progress=False,
+        workdir=workdir,
+    )
+    task.on_progress = lambda iteration, iterations, loss: store.progress(job_id, iteration, iterations, loss)
+    options = {key: coerce_option(method, key, value) for key, value in request["options"].items()}
+    if request.get("global_model"):
+        options["global_model"] = str(layout.models / request["global_model"])
+    resumable = any(f.name == "resume" for f in dataclasses.fields(get_method(method).config_cls))
+    if resumable and workdir.is_dir() and any(workdir.glob("*checkpoint*")):
+        options["resume"] = True  # claimed again after the service died: continue where it stopped
+    started = time.perf_counter()
+    dset = distill(method, task, options)
+    dset.manifest.update({"distill_seconds": round(time.perf_counter() - started, 2), "job_id": job_id})
+    if request.get("label"):
+        dset.manifest["label"] = request["label"]
+    return save_distilled_set(layout.artifacts / job_id, dset, overwrite=True)
+
+
+def _images_sha256(artifact: Path) -> str:
+    from common.artifacts import read_manifest
+
+    return str(read_manifest(artifact).get("tensors_sha256", ""))
+
+
+def worker_loop(layout: ServiceLayout, name: str, data_root: str, device: str, poll_seconds: float = 0.5) -> None:
+    """A local worker process: claim, run, repeat until the service stops it."""
+    from common.runtime import die_with_parent
+
+    die_with_parent()
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    store = JobStore(layout.database)
+    while True:
+        job = store.claim(name)
+        if job is None:
+            time.sleep(poll_seconds)
+            continue
+        run_job(layout, job, data_root, device)
