@@ -6,7 +6,9 @@ Writes into one new directory (built aside, then moved into place; mode 0700):
 - ``server.crt`` / ``server.key``: the SuperLink's certificate, signed by the CA, valid for the
   given host names and IP addresses (subjectAltName);
 - ``node-1`` / ``node-1.pub`` ...: SuperNode authentication key pairs in the format Flower wants
-  (OpenSSH ECDSA P-384, like ``ssh-keygen -t ecdsa -b 384``).
+  (OpenSSH ECDSA P-384, like ``ssh-keygen -t ecdsa -b 384``);
+- ``client-1.crt`` / ``client-1.key`` ... (``--clients N``): TLS client certificates signed by the
+  CA, for the job service's mutual TLS (``edgedistill serve --client-ca ca.crt``).
 
 Private keys are unencrypted and mode 0600. For production, use your organisation's PKI.
 """
@@ -40,6 +42,7 @@ class CertsPlan:
     hosts: tuple[str, ...] = DEFAULT_HOSTS
     nodes: int = 2
     days: int = 365
+    clients: int = 0
 
 
 def certs_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
@@ -52,6 +55,7 @@ def certs_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         metavar="NAME_OR_IP",
         help="a name or IP address the SuperLink is reached at (repeatable; default localhost and 127.0.0.1)",
     )
+    parser.add_argument("--clients", type=int, default=0, help="job-service client certificates client-1 ... (mTLS)")
     parser.add_argument("--days", type=int, default=365, help="validity of the certificates (default 365)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
 
@@ -59,25 +63,26 @@ def certs_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
 def certs_main(args: argparse.Namespace) -> int:
     from common.fileio import atomic_write_dir
 
-    plan = make_plan(args.host or DEFAULT_HOSTS, args.nodes, args.days)
+    plan = make_plan(args.host or DEFAULT_HOSTS, args.nodes, args.days, args.clients)
     out = atomic_write_dir(Path(args.out), lambda tmp: write_certs(tmp, plan), overwrite=args.overwrite)
     nodes = f", node-1 ... node-{plan.nodes} (+ .pub)" if plan.nodes else ""
-    print(f"wrote {out}: ca.crt/ca.key, server.crt/server.key for {', '.join(plan.hosts)}{nodes}")
+    clients = f", client-1 ... client-{plan.clients} (.crt/.key)" if plan.clients else ""
+    print(f"wrote {out}: ca.crt/ca.key, server.crt/server.key for {', '.join(plan.hosts)}{nodes}{clients}")
     print("  a TEST setup: the private keys have no passphrase; keep ca.key off the devices")
     return 0
 
 
-def make_plan(hosts: Iterable[str], nodes: int, days: int) -> CertsPlan:
+def make_plan(hosts: Iterable[str], nodes: int, days: int, clients: int = 0) -> CertsPlan:
     """Validate the command line; a :class:`~common.errors.ConfigError` says what is wrong."""
     hosts = tuple(dict.fromkeys(h.strip() for h in hosts))
     bad = [h for h in hosts if not _valid_host(h)]
     if bad or not hosts:
         raise ConfigError(f"--host {', '.join(map(repr, bad))}: give host names (ASCII, punycode) or IP addresses")
-    if not 0 <= nodes <= MAX_NODES:
-        raise ConfigError(f"--nodes {nodes}: use 0..{MAX_NODES}")
+    if not 0 <= nodes <= MAX_NODES or not 0 <= clients <= MAX_NODES:
+        raise ConfigError(f"--nodes {nodes} / --clients {clients}: use 0..{MAX_NODES}")
     if not 1 <= days <= 3650:
         raise ConfigError(f"--days {days}: use 1..3650")
-    return CertsPlan(hosts=hosts, nodes=nodes, days=days)
+    return CertsPlan(hosts=hosts, nodes=nodes, days=days, clients=clients)
 
 
 def _valid_host(host: str) -> bool:
@@ -102,6 +107,12 @@ def write_certs(directory: Path, plan: CertsPlan) -> None:
         private, public = node_key_pair(comment=f"node-{i}")
         _write(directory / f"node-{i}", private, private=True)
         _write(directory / f"node-{i}.pub", public)
+    for i in range(1, plan.clients + 1):
+        client_key = _new_key()
+        usage = [ExtendedKeyUsageOID.CLIENT_AUTH]
+        client_cert = _leaf_certificate(client_key, ca_key, ca_cert, f"client-{i}", usage, (), plan.days)
+        _write(directory / f"client-{i}.key", _private_pem(client_key), private=True)
+        _write(directory / f"client-{i}.crt", _cert_pem(client_cert))
 
 
 def node_key_pair(comment: str = "") -> tuple[bytes, bytes]:
@@ -159,16 +170,30 @@ def _server_certificate(
     hosts: tuple[str, ...],
     days: int,
 ) -> x509.Certificate:
+    return _leaf_certificate(key, ca_key, ca_cert, hosts[0], [ExtendedKeyUsageOID.SERVER_AUTH], hosts, days)
+
+
+def _leaf_certificate(
+    key: ec.EllipticCurvePrivateKey,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    common_name: str,
+    purposes: list,
+    hosts: tuple[str, ...],
+    days: int,
+) -> x509.Certificate:
+    """A certificate signed by the CA for ``purposes`` (server or client auth), with SANs when ``hosts``."""
     usage = _key_usage(digital_signature=True, key_agreement=True)
-    return (
-        _builder(_name(hosts[0]), ca_cert.subject, key.public_key(), days)
+    builder = (
+        _builder(_name(common_name), ca_cert.subject, key.public_key(), days)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(usage, critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName([_general_name(h) for h in hosts]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(purposes), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA384())
     )
+    if hosts:
+        builder = builder.add_extension(x509.SubjectAlternativeName([_general_name(h) for h in hosts]), critical=False)
+    return builder.sign(ca_key, hashes.SHA384())
 
 
 def _key_usage(**allowed: bool) -> x509.KeyUsage:

@@ -51,7 +51,7 @@ class Service:
         while time.time() < deadline:
             line = self.process.stdout.readline()
             seen.append(line)
-            if match := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
+            if match := re.search(r"listening on [^ ]+:(\d+)", line):
                 self.address = f"127.0.0.1:{match.group(1)}"
                 return self
             if not line and self.process.poll() is not None:
@@ -319,3 +319,64 @@ def test_the_ray_executor_runs_a_job_on_a_local_ray_instance(tmp_path):
         assert done.artifact_sha256 == read_manifest(done.artifact)["tensors_sha256"]
     finally:
         service.stop()
+
+
+def test_mutual_tls_lets_certified_clients_in_on_any_address_and_keeps_others_out(tmp_path):
+    from common.cli import main
+
+    assert main(["certs", "--out", str(tmp_path / "pki"), "--nodes", "0", "--clients", "1"]) == 0
+    pki = tmp_path / "pki"
+    tls = ["--host", "0.0.0.0", "--tls-cert", str(pki / "server.crt"), "--tls-key", str(pki / "server.key")]
+    service = Service(tmp_path / "state", *tls, "--client-ca", str(pki / "ca.crt"), token=False).start()
+    try:
+        certified = ServiceClient(
+            service.address,
+            ca_cert=str(pki / "ca.crt"),
+            client_cert=str(pki / "client-1.crt"),
+            client_key=str(pki / "client-1.key"),
+        )
+        job = certified.submit(**{**SMALL_DM, "options": {"iterations": "5"}})
+        assert wait_for(certified, job.id, lambda j: j.state == pb.SUCCEEDED).attempts == 1
+        for stranger in (ServiceClient(service.address, ca_cert=str(pki / "ca.crt")), service.client()):
+            with pytest.raises(Exception, match="no job service at|UNAVAILABLE"):
+                stranger.list()
+    finally:
+        service.stop()
+
+
+def test_a_federation_hands_its_distillation_rounds_to_the_service(service, tmp_path):
+    pytest.importorskip("ray")
+    from server.federation.run import FederationConfig
+    from simulations.simulate import run_simulated_fleet
+
+    config = FederationConfig(
+        dataset="digits",
+        num_rounds=2,
+        min_train_nodes=3,
+        min_available_nodes=3,
+        pipc="10",
+        lr=0.05,
+        seed=0,
+        out_dir=str(tmp_path / "fed"),
+        distill_method="dm+dkkt",
+        distill_every=1,
+        distill_ipc="2",
+        distill_iterations=5,
+        distill_options="batch_real=8",
+        distill_eval_runs=1,
+        distill_eval_epochs=5,
+        distill_service=service.address,
+        distill_service_token_file=str(service.token_file),
+        distill_service_wait=300,
+    )
+    history = run_simulated_fleet(config, clients=3)
+    jobs = {j.id: j for j in service.client().list(page_size=500).jobs}
+    for record in history[1:]:
+        job = jobs[record["distill_job"]]
+        assert job.state == pb.SUCCEEDED and f"round {record['round']}" in job.request.label
+        assert 0.0 <= record["distilled_accuracy"] <= 1.0 and "distill_error" not in record
+        manifest = read_manifest(record["distilled_artifact"])
+        assert manifest["job_id"] == job.id and manifest["real_images_seen"] == 100  # the federation's pipc
+        assert manifest["options"]["iterations"] == 5 and "convnet3@5ep" in manifest["evaluation"]
+    final = (tmp_path / "fed" / "global-model" / "model.json").read_text()
+    assert read_manifest(history[-1]["distilled_artifact"])["global_model_sha256"] in final

@@ -103,19 +103,7 @@ def distill_and_evaluate(
         }
     )
     save_distilled_set(out, dset, overwrite=True)
-    result = evaluate_set(
-        dset.images,
-        dset.labels,
-        data.test,
-        data.info,
-        runs=plan.eval_runs,
-        config=EvalConfig(epochs=plan.eval_epochs),
-        seed=plan.seed,
-        device=device,
-        workers=plan.eval_workers or None,
-        progress=plan.progress,
-    )
-    update_manifest(out, evaluation={f"convnet3@{plan.eval_epochs}ep": result.to_dict()})
+    result = evaluate_artifact(data, plan, out, dset)
     if task.workdir is not None and task.workdir.exists():
         shutil.rmtree(task.workdir)
     return {
@@ -134,6 +122,28 @@ def distill_and_evaluate(
         "device": str(device),
         "threads": torch.get_num_threads(),
     }
+
+
+def evaluate_artifact(data: Dataset, plan: RoundPlan, out: Path, dset=None):
+    """The quick protocol on a round's artifact (``dset``: the set already in memory); noted in its manifest."""
+    from common.artifacts import load_distilled_set
+    from common.runtime import resolve_device
+
+    dset = dset if dset is not None else load_distilled_set(out, expect=data.info)
+    result = evaluate_set(
+        dset.images,
+        dset.labels,
+        data.test,
+        data.info,
+        runs=plan.eval_runs,
+        config=EvalConfig(epochs=plan.eval_epochs),
+        seed=plan.seed,
+        device=resolve_device(plan.device),
+        workers=plan.eval_workers or None,
+        progress=plan.progress,
+    )
+    update_manifest(out, evaluation={f"convnet3@{plan.eval_epochs}ep": result.to_dict()})
+    return result
 
 
 def apply_allocation(task: DistillTask, plan: RoundPlan, global_model: Path | None, device_statistics=None):

@@ -33,6 +33,7 @@ from common.models import build_model
 from common.runtime import derive_seed
 from common.training import evaluate_model
 from edge_client.task import ClientTaskConfig
+from server.federation.handoff import collect_rounds
 from server.federation.rounds import distill_and_evaluate
 
 log = logging.getLogger("edgedistill.server")
@@ -76,6 +77,13 @@ class FederationConfig(ClientTaskConfig):
     distill_allocation: str = "fixed"  # fixed | adaptive (K-means on the public subset) | federated (device statistics)
     distill_eval_runs: int = 2
     distill_eval_epochs: int = 300
+    # hand the rounds to a job service (edgedistill serve) instead of distilling in this process
+    distill_service: str = ""  # HOST:PORT ("": distil in-process)
+    distill_service_token_file: str = ""
+    distill_service_ca: str = ""  # TLS: the service's CA certificate
+    distill_service_cert: str = ""  # mutual TLS: this federation's client certificate ...
+    distill_service_key: str = ""  # ... and its key
+    distill_service_wait: float = 3600.0  # seconds the end of the run waits for outstanding jobs
 
     def __post_init__(self) -> None:
         from server.federation.strategy import STRATEGIES
@@ -271,6 +279,7 @@ def run_federation(
         write_metrics(out, history, config, strategy)
     remaining = config.num_rounds - done
     if remaining <= 0:
+        finish_handoff(config, data, history, out, strategy, lambda: checkpoint(done))
         return FederationResult(history, done, out)
     started = time.perf_counter()
 
@@ -294,6 +303,8 @@ def run_federation(
             checkpoint(server_round, pending_round=server_round if due else None)
             if due:
                 distillation_round(server_round)
+        if config.distill_service:
+            collect_rounds(config, data, history, out)  # jobs of earlier rounds that have finished
         write_metrics(out, history, config, strategy)
         if on_round is not None:
             on_round(record)
@@ -308,7 +319,18 @@ def run_federation(
         evaluate_config=ConfigRecord(config.client_task().to_record()),
         evaluate_fn=evaluate_fn,
     )
+    finish_handoff(config, data, history, out, strategy, lambda: checkpoint(config.num_rounds))
     return FederationResult(history, config.num_rounds, out)
+
+
+def finish_handoff(config: FederationConfig, data, history: list[dict], out: Path, strategy, save) -> None:
+    """At the end of a run that handed rounds to a job service: wait for them, then record the results."""
+    if not config.distill_service:
+        return
+    log.info("waiting up to %.0f s for the job service's outstanding rounds", config.distill_service_wait)
+    if collect_rounds(config, data, history, out, wait_seconds=config.distill_service_wait):
+        save()
+        write_metrics(out, history, config, strategy)
 
 
 def server_distillation_round(
@@ -338,6 +360,10 @@ def server_distillation_round(
     fault_point("distillation")
     if not config.distill_method:
         return {}
+    if config.distill_service:
+        from server.federation.handoff import submit_round
+
+        return submit_round(config, data, target, server_round, out, device_statistics)
     plan = config.round_plan()
     log.info(
         "server distillation round after round %d: %s, ipc %s, pipc %s", server_round, plan.method, plan.ipc, plan.pipc
