@@ -189,10 +189,14 @@ def serve_main(args: argparse.Namespace) -> int:
     lock = hold_state_dir(layout.root)
     layout.create()
     recovered = JobStore(layout.database).recover()
-    server, port = build_server(args, layout)
+    grpc_server, port = build_server(args, layout)
     executor = make_executor(args, layout)
     executor.start()
-    server.start()
+    from server.methods import registry  # noqa: F401  (registers every method now, not in the first request)
+    from server.service.validation import warm_dataset_facts
+
+    threading.Thread(target=warm_dataset_facts, args=(args.data_root,), name="warm-datasets", daemon=True).start()
+    grpc_server.start()
     auth = "mutual TLS" if args.client_ca else "bearer token" if args.token_file else "none (loopback only)"
     print(
         f"edgedistill serve: listening on {args.host}:{port} (TLS {'on' if args.tls_cert else 'off'}, auth {auth}, "
@@ -204,7 +208,7 @@ def serve_main(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stopped.set())
     stopped.wait()
     print("edgedistill serve: stopping (running jobs resume at the next start)", flush=True)
-    server.stop(grace=5).wait()
+    grpc_server.stop(grace=5).wait()
     executor.stop()
     os.close(lock)
     return 0

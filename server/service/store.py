@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import sqlite3
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -56,31 +57,36 @@ class JobStateError(EdgeDistillError):
 
 
 class JobStore:
+    """The table; safe to share between threads (each thread keeps its own connection)."""
+
     def __init__(self, path: str | Path, timeout: float = 30.0) -> None:
         self.path, self.timeout = Path(path), timeout
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(SCHEMA)
+        self._local = threading.local()
+        db = self._connect()
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(SCHEMA)
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA synchronous=FULL")  # a finished transaction survives a power cut
+        """This thread's connection (opened once: a connection per call costs more than the query)."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA synchronous=FULL")  # a finished transaction survives a power cut
+            self._local.db = db
         return db
 
     @contextmanager
     def _transaction(self):
         db = self._connect()
+        db.execute("BEGIN IMMEDIATE")
         try:
-            db.execute("BEGIN IMMEDIATE")
             yield db
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        finally:
-            db.close()
 
     @staticmethod
     def _fetch(db: sqlite3.Connection, job_id: str) -> dict:
@@ -104,11 +110,15 @@ class JobStore:
             return self._fetch(db, job_id)
 
     def get(self, job_id: str) -> dict:
-        db = self._connect()
-        try:
-            return self._fetch(db, job_id)
-        finally:
-            db.close()
+        return self._fetch(self._connect(), job_id)
+
+    def get_many(self, job_ids: list[str]) -> dict[str, dict]:
+        """The jobs among ``job_ids`` that exist, by id, read in one query (for many watchers at once)."""
+        if not job_ids:
+            return {}
+        marks = ",".join("?" * len(job_ids))
+        rows = self._connect().execute(f"SELECT * FROM jobs WHERE id IN ({marks})", list(job_ids)).fetchall()
+        return {r["id"]: {**dict(r), "request": json.loads(r["request"])} for r in rows}
 
     def list(self, state: str | None = None, page_size: int = 50, page_token: str = "") -> tuple[list[dict], str]:
         """Newest first; ``(jobs, next_page_token)``, the token empty on the last page."""
@@ -118,11 +128,7 @@ class JobStore:
         query, args = "SELECT * FROM jobs WHERE seq < ?", [before]
         if state is not None:
             query, args = query + " AND state = ?", [*args, state]
-        db = self._connect()
-        try:
-            rows = db.execute(query + " ORDER BY seq DESC LIMIT ?", (*args, page_size + 1)).fetchall()
-        finally:
-            db.close()
+        rows = self._connect().execute(query + " ORDER BY seq DESC LIMIT ?", (*args, page_size + 1)).fetchall()
         jobs = [{**dict(r), "request": json.loads(r["request"])} for r in rows[:page_size]]
         token = _encode_token(jobs[-1]["seq"]) if len(rows) > page_size else ""
         return jobs, token

@@ -59,6 +59,22 @@ def dataset_facts(name: str, data_root: str) -> DatasetFacts:
     return DatasetFacts(info.name, info.channels, info.image_size, info.num_classes, int(sizes.min()))
 
 
+def warm_dataset_facts(data_root: str) -> list[str]:
+    """Learn the facts of every dataset the server holds (at start, off the request path); returns their names."""
+    from common.datasets import dataset_availability
+
+    ready = []
+    for name, where, _ in dataset_availability(data_root or None):
+        if where is None:
+            continue
+        try:
+            dataset_facts(name, data_root)
+            ready.append(name)
+        except EdgeDistillError:
+            continue  # validation answers for it with the loader's message
+    return ready
+
+
 def validate_request(request: dict, data_root: str, models_dir: Path) -> dict:
     """The normalised request to queue; :class:`RequestError` if the service must refuse it."""
     from common.datasets import list_datasets
