@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", default=METHODS)
     p.add_argument("--ipcs", default="1,10")
     p.add_argument("--pipcs", default="10,50")
-    p.add_argument("--iterations", type=int, default=100, help="iterations of every pixel-optimising method")
+    p.add_argument("--iterations", type=int, default=1000, help="iterations of every pixel-optimising method")
     p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE", help="a DKKT option for all methods")
     p.add_argument("--sweep-w", default="0,0.1,1,10", help="w_kkt values of the sweep")
     p.add_argument(

@@ -182,8 +182,8 @@ def simulate_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None
     parser.add_argument("--distill-every", type=int, default=0, help="server distillation round every K rounds")
     parser.add_argument("--distill", default="", metavar="METHOD", help="distill in server rounds (e.g. dm+dkkt)")
     parser.add_argument("--ipc", default="10", help="synthetic images per class of the server rounds")
-    parser.add_argument("--iterations", type=int, default=200, help="iteration budget of a server round's method")
-    parser.add_argument("--distill-time-limit", type=float, default=600.0, help="seconds per server round")
+    parser.add_argument("--iterations", type=int, default=1000, help="iteration budget of a server round's method")
+    parser.add_argument("--distill-time-limit", type=float, default=3600.0, help="seconds per server round")
     parser.add_argument(
         "--distill-option",
         action="append",

@@ -35,8 +35,8 @@ class RoundPlan:
     method: str
     ipc: str = "10"
     pipc: str = "50"
-    iterations: int = 200  # for methods with an iteration budget
-    time_limit: float = 600.0  # seconds of optimisation before the method stops early (0: none)
+    iterations: int = 1000  # for methods with an iteration budget
+    time_limit: float = 3600.0  # seconds of optimisation before the method stops early (0: none)
     options: dict[str, Any] = field(default_factory=dict)
     eval_runs: int = 2
     eval_epochs: int = 300

@@ -71,8 +71,8 @@ class FederationConfig(ClientTaskConfig):
     distill_every: int = 0  # server distillation round every K rounds (0: only at the end)
     distill_method: str = ""  # a registry method run in each server distillation round ("": save the model only)
     distill_ipc: str = "10"
-    distill_iterations: int = 200
-    distill_time_limit: float = 600.0  # seconds; a round's distillation stops early past it
+    distill_iterations: int = 1000  # at least 1,000 (issue 12): fewer leave DM and DKKT far from converged
+    distill_time_limit: float = 3600.0  # seconds; a round's distillation stops early past it
     distill_options: str = ""  # more method options, "name=value,name=value"
     distill_allocation: str = "fixed"  # fixed | adaptive (K-means on the public subset) | federated (device statistics)
     distill_eval_runs: int = 2
