@@ -43,7 +43,7 @@ def submit_round(config, data: Dataset, model_dir: Path, server_round: int, out:
     plan = config.round_plan()
     task = apply_allocation(make_task(data, plan.ipc, plan.pipc, seed=plan.seed), plan, model_dir, device_statistics)
     options = method_options(plan, None)
-    takes_model = "global_model" in {f for f in get_method(plan.method).config_cls.__dataclass_fields__}
+    takes_model = "global_model" in get_method(plan.method).config_cls.__dataclass_fields__
     client = service_client(config)
     model_id = client.upload_model(model_dir).id if takes_model else ""
     job = client.submit(

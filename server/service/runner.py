@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import Cancelled, EdgeDistillError
-from server.service.store import FAILED, SUCCEEDED, JobStore
+from server.service.store import CANCELLED, FAILED, SUCCEEDED, JobStore
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def run_job(layout: ServiceLayout, job: dict, data_root: str = "", device: str =
         artifact = distil_job(layout, store, job, data_root, device)
     except Cancelled:
         shutil.rmtree(layout.work / job["id"], ignore_errors=True)  # the table already says CANCELLED
-        return "CANCELLED"
+        return CANCELLED
     except EdgeDistillError as exc:
         store.finish(job["id"], FAILED, error=str(exc))
         return FAILED
