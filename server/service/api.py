@@ -8,7 +8,6 @@ ends with ``context.abort(code, message)`` before anything is written.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import tarfile
 import threading
@@ -19,7 +18,7 @@ from pathlib import Path
 import grpc
 
 from common.errors import EdgeDistillError
-from server.service.models import receive_model
+from server.service.models import chunk_messages, receive_model
 from server.service.runner import ServiceLayout
 from server.service.store import ENDED, QUEUED, RUNNING, SUCCEEDED, JobNotFound, JobStateError, JobStore
 from server.service.v1 import distill_pb2 as pb
@@ -243,15 +242,7 @@ class DistillService(pb_grpc.DistillServiceServicer):
         size = request.chunk_bytes or (1 << 20)
         if not CHUNK_RANGE[0] <= size <= CHUNK_RANGE[1]:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"chunk_bytes must be {CHUNK_RANGE[0]}..{CHUNK_RANGE[1]}")
-        archive = pack_directory(self.layout.artifacts / job["id"])
-        digest = hashlib.sha256(archive).hexdigest()
-        for start in range(0, len(archive), size):
-            first = start == 0
-            yield pb.ArtifactChunk(
-                total_bytes=len(archive) if first else 0,
-                sha256=digest if first else "",
-                data=archive[start : start + size],
-            )
+        yield from chunk_messages(pb.ArtifactChunk, pack_directory(self.layout.artifacts / job["id"]), size)
 
 
 def pack_directory(directory: Path) -> bytes:

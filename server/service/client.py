@@ -69,22 +69,10 @@ class ServiceClient:
 
     # -------------------------------------------------------------------- the calls
     def upload_model(self, directory: str | Path):
-        from server.service.models import pack_model
+        from server.service.models import chunk_messages, pack_model
         from server.service.v1 import distill_pb2 as pb
 
-        archive = pack_model(directory)
-        digest = hashlib.sha256(archive).hexdigest()
-
-        def chunks():
-            for start in range(0, len(archive), CHUNK_BYTES):
-                first = start == 0
-                yield pb.ModelChunk(
-                    total_bytes=len(archive) if first else 0,
-                    sha256=digest if first else "",
-                    data=archive[start : start + CHUNK_BYTES],
-                )
-
-        return self.call("UploadModel", chunks(), timeout=600)
+        return self.call("UploadModel", chunk_messages(pb.ModelChunk, pack_model(directory), CHUNK_BYTES), timeout=600)
 
     def submit(self, **fields):
         from server.service.v1 import distill_pb2 as pb

@@ -23,6 +23,17 @@ from server.service.validation import FAILED_PRECONDITION, INVALID_ARGUMENT, RES
 MODEL_MEMBERS = ("model.json", "model.safetensors")
 
 
+def chunk_messages(message_cls, data: bytes, size: int) -> Iterator:
+    """The chunk framing of uploads and downloads: consecutive ``data`` slices, the first one also
+    carrying the total size and the sha256 of the whole, so the receiver can refuse early and verify."""
+    digest = hashlib.sha256(data).hexdigest()
+    for start in range(0, max(len(data), 1), size):
+        first = start == 0
+        yield message_cls(
+            total_bytes=len(data) if first else 0, sha256=digest if first else "", data=data[start : start + size]
+        )
+
+
 def pack_model(directory: str | Path) -> bytes:
     """A model directory as the tar archive ``UploadModel`` takes (the client side)."""
     directory = Path(directory)
