@@ -37,22 +37,22 @@ def service_client(config):
 
 def submit_round(config, data: Dataset, model_dir: Path, server_round: int, out: Path, device_statistics=None) -> dict:
     """Upload the global model and queue the round's job; returns the fields for the round's record."""
+    from common.subsets import parse_pipc
     from server.federation.rounds import apply_allocation, method_options
-    from server.methods.registry import get_method, make_task
+    from server.methods.registry import make_task, option_names
 
     plan = config.round_plan()
     task = apply_allocation(make_task(data, plan.ipc, plan.pipc, seed=plan.seed), plan, model_dir, device_statistics)
     options = method_options(plan, None)
-    takes_model = "global_model" in get_method(plan.method).config_cls.__dataclass_fields__
     client = service_client(config)
-    model_id = client.upload_model(model_dir).id if takes_model else ""
+    model_id = client.upload_model(model_dir).id if "global_model" in option_names(plan.method) else ""
     job = client.submit(
         method=plan.method,
         dataset=config.dataset,
         global_model=model_id,
         class_counts={int(c): int(n) for c, n in task.counts.items()},
-        pipc=int(plan.pipc) if str(plan.pipc).isdigit() else 0,
-        options={k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in options.items()},
+        pipc=parse_pipc(plan.pipc) or 0,  # 0: all, as in the in-process round
+        options={key: str(value) for key, value in options.items()},  # coerce_option reads them back
         seed=plan.seed,
         label=f"federation {out.resolve()} round {server_round}",
     )

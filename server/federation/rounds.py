@@ -10,7 +10,6 @@ the global model's hash, and evaluates it with the quick protocol.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import time
@@ -25,7 +24,7 @@ from common.datasets import Dataset
 from common.diversity import DEFAULT_K_MAX
 from common.errors import ConfigError
 from common.evaluation import EvalConfig, evaluate_set
-from server.methods.registry import DistillTask, coerce_option, distill, get_method, make_task
+from server.methods.registry import DistillTask, coerce_option, distill, make_task, option_names
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ class RoundPlan:
 
 def method_options(plan: RoundPlan, global_model: Path | None) -> dict[str, Any]:
     """The plan's budget and global model, for the options the method actually has."""
-    known = {f.name for f in dataclasses.fields(get_method(plan.method).config_cls)}
+    known = option_names(plan.method)
     options = {}
     if "iterations" in known:
         options["iterations"] = plan.iterations

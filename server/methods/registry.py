@@ -110,11 +110,16 @@ def list_methods() -> list[str]:
     return METHODS.names()
 
 
+def option_names(name: str) -> set[str]:
+    """The options method ``name`` takes (the fields of its config dataclass)."""
+    return {f.name for f in dataclasses.fields(get_method(name).config_cls)}
+
+
 def make_config(name: str, options: dict[str, Any] | None = None) -> Any:
     """Build a method's config from a dict, refusing unknown keys with the list of known ones."""
     spec = get_method(name)
     options = dict(options or {})
-    known = {f.name for f in dataclasses.fields(spec.config_cls)}
+    known = option_names(name)
     unknown = sorted(set(options) - known)
     if unknown:
         raise ConfigError(

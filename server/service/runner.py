@@ -10,7 +10,6 @@ says so and the run stops without writing anything.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import time
@@ -58,7 +57,7 @@ def run_job(layout: ServiceLayout, job: dict, data_root: str = "", device: str =
     """Run a claimed job to its end; returns the state it ended in (SUCCEEDED, FAILED or CANCELLED)."""
     store = JobStore(layout.database)
     try:
-        artifact = distil_job(layout, store, job, data_root, device)
+        artifact, images_sha256 = distil_job(layout, store, job, data_root, device)
     except Cancelled:
         shutil.rmtree(layout.work / job["id"], ignore_errors=True)  # the table already says CANCELLED
         return CANCELLED
@@ -70,17 +69,18 @@ def run_job(layout: ServiceLayout, job: dict, data_root: str = "", device: str =
         log.write_text(traceback.format_exc())
         store.finish(job["id"], FAILED, error=f"internal error {type(exc).__name__}: {exc} (traceback in {log})")
         return FAILED
-    store.finish(job["id"], SUCCEEDED, artifact=str(artifact), artifact_sha256=_images_sha256(artifact))
+    store.finish(job["id"], SUCCEEDED, artifact=str(artifact), artifact_sha256=images_sha256)
     shutil.rmtree(layout.work / job["id"], ignore_errors=True)
     return SUCCEEDED
 
 
-def distil_job(layout: ServiceLayout, store: JobStore, job: dict, data_root: str, device: str) -> Path:
-    """The artifact directory of a job, written atomically (the same files ``edgedistill distill`` writes)."""
+def distil_job(layout: ServiceLayout, store: JobStore, job: dict, data_root: str, device: str) -> tuple[Path, str]:
+    """The artifact directory of a job, written atomically (the same files ``edgedistill distill`` writes),
+    and the sha256 of its images."""
     from common.artifacts import save_distilled_set
     from common.datasets import load_dataset
     from common.runtime import resolve_device, seed_everything
-    from server.methods.registry import coerce_option, distill, get_method, make_task
+    from server.methods.registry import coerce_option, distill, make_task, option_names
 
     request = job["request"]
     method, job_id = request["method"], job["id"]
@@ -101,21 +101,15 @@ def distil_job(layout: ServiceLayout, store: JobStore, job: dict, data_root: str
     options = {key: coerce_option(method, key, value) for key, value in request["options"].items()}
     if request.get("global_model"):
         options["global_model"] = str(layout.models / request["global_model"])
-    resumable = any(f.name == "resume" for f in dataclasses.fields(get_method(method).config_cls))
-    if resumable and workdir.is_dir() and any(workdir.glob("*checkpoint*")):
+    if "resume" in option_names(method) and workdir.is_dir() and any(workdir.glob("*checkpoint*")):
         options["resume"] = True  # claimed again after the service died: continue where it stopped
     started = time.perf_counter()
     dset = distill(method, task, options)
     dset.manifest.update({"distill_seconds": round(time.perf_counter() - started, 2), "job_id": job_id})
     if request.get("label"):
         dset.manifest["label"] = request["label"]
-    return save_distilled_set(layout.artifacts / job_id, dset, overwrite=True)
-
-
-def _images_sha256(artifact: Path) -> str:
-    from common.artifacts import read_manifest
-
-    return str(read_manifest(artifact).get("tensors_sha256", ""))
+    artifact = save_distilled_set(layout.artifacts / job_id, dset, overwrite=True)
+    return artifact, dset.manifest["tensors_sha256"]  # the save records it in the manifest it wrote
 
 
 def worker_loop(layout: ServiceLayout, name: str, data_root: str, device: str, poll_seconds: float = 0.5) -> None:

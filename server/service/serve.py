@@ -122,7 +122,7 @@ def build_server(args: argparse.Namespace, layout):
     from grpc_reflection.v1alpha import reflection
 
     from server.service.api import DistillService
-    from server.service.v1 import distill_pb2
+    from server.service.v1 import distill_pb2, distill_pb2_grpc
 
     interceptors = [token_interceptor(read_token(args.token_file))] if args.token_file else []
     server = grpc.server(
@@ -132,8 +132,6 @@ def build_server(args: argparse.Namespace, layout):
         options=[("grpc.max_receive_message_length", MESSAGE_LIMIT), ("grpc.max_send_message_length", MESSAGE_LIMIT)],
     )
     service = DistillService(layout, args.data_root, int(args.max_upload_mib * (1 << 20)))
-    from server.service.v1 import distill_pb2_grpc
-
     distill_pb2_grpc.add_DistillServiceServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

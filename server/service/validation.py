@@ -78,7 +78,7 @@ def warm_dataset_facts(data_root: str) -> list[str]:
 def validate_request(request: dict, data_root: str, models_dir: Path) -> dict:
     """The normalised request to queue; :class:`RequestError` if the service must refuse it."""
     from common.datasets import list_datasets
-    from server.methods.registry import coerce_option, list_methods, make_config
+    from server.methods.registry import coerce_option, list_methods, make_config, option_names
 
     method = _text(request, "method")
     if method not in list_methods():
@@ -118,9 +118,8 @@ def validate_request(request: dict, data_root: str, models_dir: Path) -> dict:
     except EdgeDistillError as exc:
         raise RequestError(INVALID_ARGUMENT, str(exc)) from None
     model_id = _text(request, "global_model", required=False)
-    fields = {f.name for f in dataclasses.fields(make_config_class(method))}
     if model_id:
-        if "global_model" not in fields:
+        if "global_model" not in option_names(method):
             raise RequestError(INVALID_ARGUMENT, f"method {method!r} takes no global model; leave global_model empty")
         options["global_model"] = str(check_model(models_dir, model_id, facts))
     try:
@@ -140,12 +139,6 @@ def validate_request(request: dict, data_root: str, models_dir: Path) -> dict:
         "priority": int(request.get("priority") or 0),
         "label": _text(request, "label", required=False),
     }
-
-
-def make_config_class(method: str) -> type:
-    from server.methods.registry import get_method
-
-    return get_method(method).config_cls
 
 
 def check_model(models_dir: Path, model_id: str, facts: DatasetFacts) -> Path:
