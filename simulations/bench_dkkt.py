@@ -8,12 +8,16 @@ Three phases, each resumable (finished cells are kept in ``--out`` and skipped o
 1. **federation**: a simulated fleet (``--clients``, Dirichlet(``--alpha``) label skew, the
    largest pipc carved out as the server's public subset) trains the global model; or pass
    ``--global-model DIR``.
-2. **sweep** (model selection without the test split): at ``--sweep-ipc`` / ``--sweep-pipc``
-   the public subset is split into images the method may see and ``--val-per-class`` held-out
-   validation images; every ``w_kkt`` x ``lambda`` scale is distilled and scored on them.
+2. **sweep** (model selection without the test split): at every ``--sweep-ipcs`` and
+   ``--sweep-pipc`` the public subset is cut ``--val-folds`` ways: in fold k, ``--val-per-class``
+   images per class (disjoint from the other folds' held-out images) are held out and the method
+   sees the rest. Every ``--candidates`` recipe is distilled per fold and scored on that fold's
+   held-out images; a candidate's score is its mean over folds x ``--sweep-runs``, its spread the
+   std of the per-fold means. The best mean wins (ties: the earlier candidate); the report says
+   by how much it leads DM (w_kkt 0) and the runner-up, in units of their pooled standard error.
 3. **table**: random / herding / dm / dsv / dm+dkkt / dsv-dm-avg for every ipc x pipc, with
-   dm+dkkt at the w_kkt and lambda scale the validation chose (``dm+dkkt@1``: w_kkt fixed at 1,
-   for reference), tested on the real test split.
+   dm+dkkt at the recipe the validation chose for the nearest swept ipc (``dm+dkkt@1``: the
+   default recipe at w_kkt 1, for reference), tested on the real test split.
 
 Writes ``sweep.json``, ``results.json`` and ``table.md`` into ``--out``.
 """
@@ -36,9 +40,15 @@ from common.report import Cells, format_accuracy, markdown_table
 from common.runtime import derive_seed, make_generator, peak_memory_mib, resolve_device
 from server.federation.rounds import RoundPlan, method_options
 from server.methods.dkkt import lambda_from_weight_decay
-from server.methods.registry import distill, make_task
+from server.methods.registry import distill, make_task, parse_options
 
 METHODS = "random,herding,dm,dsv,dm+dkkt,dm+dkkt@1,dsv-dm-avg"
+# The published DKKT recipe (one augmented copy, weight 5) and the un-augmented one, at two weights.
+DEFAULT_CANDIDATES = (
+    "dm: w_kkt=0 | w1: w_kkt=1 | w10: w_kkt=10 | "
+    "w1-clean: w_kkt=1,kkt_clean_term=true,kkt_aug_weight=0 | "
+    "w10-clean: w_kkt=10,kkt_clean_term=true,kkt_aug_weight=0"
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,16 +65,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pipcs", default="10,50")
     p.add_argument("--iterations", type=int, default=1000, help="iterations of every pixel-optimising method")
     p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE", help="a DKKT option for all methods")
-    p.add_argument("--sweep-w", default="0,0.1,1,10", help="w_kkt values of the sweep")
     p.add_argument(
-        "--sweep-lambda",
-        default="0.1,10",
-        help="multiples of the weight-decay rule's lambda, tried at --sweep-lambda-w",
+        "--candidates",
+        default=DEFAULT_CANDIDATES,
+        help="dm+dkkt recipes the validation chooses from: 'NAME: OPTION=VALUE,... | ...' "
+        "(lambda_scale=X multiplies the weight-decay rule's lambda)",
     )
-    p.add_argument("--sweep-lambda-w", type=float, default=1.0, help="the w_kkt at which the lambda scales are swept")
     p.add_argument("--sweep-ipcs", default="1,10", help="ipc values swept (each table ipc uses the nearest)")
     p.add_argument("--sweep-pipc", type=int, default=50)
-    p.add_argument("--val-per-class", type=int, default=10)
+    p.add_argument("--sweep-iterations", type=int, default=None, help="iterations per sweep run (default --iterations)")
+    p.add_argument("--val-folds", type=int, default=2, help="disjoint held-out folds of the public subset")
+    p.add_argument("--val-per-class", type=int, default=20, help="held-out public images per class in each fold")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--sweep-runs", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="300-epoch protocol (default: 1000)")
@@ -109,19 +120,94 @@ def federate(args, out: Path) -> Path:
     return model_dir
 
 
-def validation_split(task, per_class: int, seed: int):
-    """Hold ``per_class`` public images per class out of the task: (task without them, validation split)."""
+def parse_candidates(text: str) -> dict[str, dict]:
+    """``'dm: w_kkt=0 | w1: w_kkt=1'`` -> {name: typed dm+dkkt options (lambda_scale kept as a float)}."""
+    candidates: dict[str, dict] = {}
+    for part in filter(None, (p.strip() for p in text.split("|"))):
+        name, sep, body = part.partition(":")
+        if not sep or not name.strip():
+            raise SystemExit(f"--candidates item {part!r}: use NAME: OPTION=VALUE,...")
+        items = [i.strip() for i in body.split(",") if i.strip()]
+        scale = [i for i in items if i.replace(" ", "").startswith("lambda_scale=")]
+        rest = ",".join(i for i in items if i not in scale)
+        options = parse_options("dm+dkkt", rest)
+        options["lambda_scale"] = float(scale[-1].split("=", 1)[1]) if scale else 1.0
+        candidates[name.strip()] = options
+    if not candidates:
+        raise SystemExit("--candidates is empty; name at least one recipe, e.g. 'dm: w_kkt=0 | w1: w_kkt=1'")
+    return candidates
+
+
+def validation_split(task, per_class: int, seed: int, fold: int = 0):
+    """Fold ``fold`` of the public subset: (task without its held-out images, the held-out split).
+
+    Each class is permuted once (seeded); fold k holds out positions ``[k * per_class, (k + 1) * per_class)``,
+    so the folds' held-out images are disjoint.
+    """
     keep, held = [], []
     for c in task.counts:
         members = task.real_of_class(c)
         order = members[torch.randperm(len(members), generator=make_generator(derive_seed("val", seed, c)))]
-        held.append(order[:per_class])
-        keep.append(order[per_class:])
+        lo, hi = fold * per_class, (fold + 1) * per_class
+        if hi >= len(order):
+            raise SystemExit(
+                f"fold {fold} needs {hi} + 1 public images of class {c}, it has {len(order)}: "
+                "lower --val-per-class or --val-folds, or raise --sweep-pipc"
+            )
+        held.append(order[lo:hi])
+        keep.append(torch.cat([order[:lo], order[hi:]]))
     keep, held = torch.sort(torch.cat(keep)).values, torch.sort(torch.cat(held)).values
     trimmed = replace(
         task, real=task.real.subset(keep), real_indices=task.real_indices[keep], pipc=task.pipc - per_class
     )
     return trimmed, Split(task.real.images[held], task.real.labels[held])
+
+
+def score_candidates(sweep_cells: list[dict], ipc: int) -> list[dict]:
+    """Per candidate at ``ipc``: mean over every fold's runs, std and standard error of the per-fold means."""
+    by_name: dict[str, list[dict]] = {}
+    for cell in sweep_cells:
+        if cell["ipc"] == ipc:
+            by_name.setdefault(cell["candidate"], []).append(cell)
+    scores = []
+    for name, cells in by_name.items():
+        fold_means = torch.tensor([c["mean"] for c in sorted(cells, key=lambda c: c["fold"])], dtype=torch.float64)
+        accuracies = [a for c in cells for a in c["accuracies"]]
+        std = fold_means.std().item() if len(fold_means) > 1 else 0.0
+        scores.append(
+            {
+                "ipc": ipc,
+                "candidate": name,
+                "options": cells[0]["options"],
+                "folds": len(cells),
+                "mean": sum(accuracies) / len(accuracies),
+                "std": std,
+                "sem": std / len(fold_means) ** 0.5,
+                "order": cells[0].get("order", 0),
+            }
+        )
+    return sorted(scores, key=lambda s: s["order"])
+
+
+def choose(scores: list[dict]) -> dict:
+    """The validation-best candidate (ties: the earlier one), with its lead over DM and the runner-up.
+
+    A lead is reported in units of the pooled standard error sqrt(sem_a^2 + sem_b^2): above 1 the
+    folds separate the two candidates, below it the choice is a coin toss the table should not trust.
+    """
+    best = max(scores, key=lambda s: (round(s["mean"], 6), -s["order"]))
+
+    def lead(other: dict | None) -> dict | None:
+        if other is None:
+            return None
+        pooled = (best["sem"] ** 2 + other["sem"] ** 2) ** 0.5
+        gap = best["mean"] - other["mean"]
+        return {"candidate": other["candidate"], "gap": gap, "in_sem": gap / pooled if pooled else float("inf")}
+
+    dm = next((s for s in scores if s["options"].get("w_kkt") == 0 and s is not best), None)
+    rest = [s for s in scores if s is not best]
+    runner_up = max(rest, key=lambda s: s["mean"]) if rest else None
+    return {**best, "lead_over_dm": lead(dm), "lead_over_runner_up": lead(runner_up)}
 
 
 def run_cell(data, task, method, options, test: Split, args, config, device) -> dict:
@@ -140,6 +226,44 @@ def run_cell(data, task, method, options, test: Split, args, config, device) -> 
         "lambda_init": dset.manifest.get("lambda_init"),
         "kkt_primal_accuracy": dset.manifest.get("kkt_primal_accuracy"),
     }
+
+
+def sweep_ipc(args, data, ipc: int, candidates: dict, sweep: Cells, model_meta, options_for, config, device) -> dict:
+    """Phase 2 at one ipc: every candidate on every fold (finished cells are skipped); returns the choice."""
+    task = make_task(data, ipc, args.sweep_pipc, seed=args.seed, device=device, progress=False)
+    iterations = args.sweep_iterations or args.iterations
+    args.runs_now = args.sweep_runs
+    for fold in range(args.val_folds):
+        trimmed, val = validation_split(task, args.val_per_class, args.seed, fold)
+        rule = lambda_from_weight_decay(sum(task.counts.values()), model_meta["weight_decay"])
+        for order, (name, options) in enumerate(candidates.items()):
+            key = {"ipc": ipc, "candidate": name, "fold": fold, "options": options, "iterations": iterations}
+            if sweep.get(key) is not None:
+                continue
+            recipe = {k: v for k, v in options.items() if k != "lambda_scale"}
+            opts = options_for("dm+dkkt", **recipe, iterations=iterations, lambda_init=options["lambda_scale"] * rule)
+            cell = {**key, "order": order, **run_cell(data, trimmed, "dm+dkkt", opts, val, args, config, device)}
+            sweep.add(cell)
+            print(f"sweep ipc {ipc} fold {fold} {name}: val {format_accuracy(cell['mean'], cell['std'])}", flush=True)
+    return current_choice(args, sweep, candidates, ipc)
+
+
+def current_cells(args, sweep: Cells, candidates: dict) -> list[dict]:
+    """The sweep cells of today's candidates, folds and budget (older sweeps in the same file are ignored)."""
+    iterations = args.sweep_iterations or args.iterations
+    return [
+        c
+        for c in sweep.done
+        if c.get("iterations") == iterations
+        and candidates.get(c.get("candidate")) == c.get("options")
+        and c.get("fold", 0) < args.val_folds
+    ]
+
+
+def current_choice(args, sweep: Cells, candidates: dict, ipc: int) -> dict | None:
+    """The choice at ``ipc`` from :func:`current_cells` (None: nothing swept there yet)."""
+    scores = score_candidates(current_cells(args, sweep, candidates), ipc)
+    return choose(scores) if scores else None
 
 
 def main(argv=None) -> int:
@@ -163,30 +287,24 @@ def main(argv=None) -> int:
         return {**method_options(replace(budget, method=method, options=extra), global_model), **more}
 
     if args.report:
-        return report(args, Cells(out / "sweep.json"), Cells(out / "cells.json"), model_meta, config, device)
+        sweep, candidates = Cells(out / "sweep.json"), parse_candidates(args.candidates)
+        chosen = {i: current_choice(args, sweep, candidates, int(i)) for i in args.sweep_ipcs.split(",")}
+        chosen = {i: c for i, c in chosen.items() if c is not None}
+        return report(args, sweep, Cells(out / "cells.json"), chosen, model_meta, config, device)
 
-    # phase 2: sweep on validation images carved from the public subset, per ipc
+    # phase 2: sweep on held-out folds of the public subset, per ipc
     sweep = Cells(out / "sweep.json")
-    args.runs_now = args.sweep_runs
-    ws = [float(w) for w in args.sweep_w.split(",")]
-    scales = [float(s) for s in args.sweep_lambda.split(",")]
-    grid = [(w, 1.0) for w in ws] + [(args.sweep_lambda_w, s) for s in scales if s != 1.0]
+    candidates = parse_candidates(args.candidates)
     best: dict[int, dict] = {}
     for ipc in [int(i) for i in args.sweep_ipcs.split(",")]:
-        task = make_task(data, ipc, args.sweep_pipc, seed=args.seed, device=device, progress=False)
-        trimmed, val = validation_split(task, args.val_per_class, args.seed)
-        lambda_rule = lambda_from_weight_decay(sum(task.counts.values()), model_meta["weight_decay"])
-        for w, scale in grid:
-            key = {"ipc": ipc, "w_kkt": w, "lambda_scale": scale}
-            if sweep.get(key) is None:
-                opts = options_for("dm+dkkt", w_kkt=w, lambda_init=scale * lambda_rule)
-                cell = {**key, **run_cell(data, trimmed, "dm+dkkt", opts, val, args, config, device)}
-                sweep.add(cell)
-                print(
-                    f"sweep ipc {ipc} w_kkt {w:g} lambda x{scale:g}: val {format_accuracy(cell['mean'], cell['std'])}"
-                )
-        best[ipc] = choose(sweep)[ipc]
-        print(f"validation chose for ipc {ipc}: w_kkt {best[ipc]['w_kkt']:g}, lambda x{best[ipc]['lambda_scale']:g}")
+        best[ipc] = sweep_ipc(args, data, ipc, candidates, sweep, model_meta, options_for, config, device)
+        lead = best[ipc]["lead_over_dm"]
+        print(
+            f"validation chose for ipc {ipc}: {best[ipc]['candidate']} "
+            f"({format_accuracy(best[ipc]['mean'], best[ipc]['std'])})"
+            + (f", {100 * lead['gap']:+.2f} points over dm ({lead['in_sem']:.1f} SE)" if lead else ""),
+            flush=True,
+        )
     if args.stop_after == "sweep":
         return 0
 
@@ -206,12 +324,11 @@ def main(argv=None) -> int:
                 base_method, _, fixed_w = method.partition("@")  # dm+dkkt@1: w_kkt fixed at 1, not chosen
                 more = {}
                 if base_method == "dm+dkkt":
-                    chosen = best[min(best, key=lambda i: abs(i - ipc))]
-                    more = {
-                        "w_kkt": float(fixed_w) if fixed_w else chosen["w_kkt"],
-                        "lambda_init": (1.0 if fixed_w else chosen["lambda_scale"])
-                        * lambda_from_weight_decay(m_images, model_meta["weight_decay"]),
-                    }
+                    choice = best[min(best, key=lambda i: abs(i - ipc))]
+                    recipe = {"w_kkt": float(fixed_w), "lambda_scale": 1.0} if fixed_w else dict(choice["options"])
+                    scale = recipe.pop("lambda_scale")
+                    rule = lambda_from_weight_decay(m_images, model_meta["weight_decay"])
+                    more = {**recipe, "lambda_init": scale * rule}
                 same_as_dm = cells.get({"method": "dm", "ipc": ipc, "pipc": pipc})
                 chosen_cell = cells.get({"method": "dm+dkkt", "ipc": ipc, "pipc": pipc})
                 if base_method == "dm+dkkt" and more["w_kkt"] == 0 and same_as_dm is not None:
@@ -226,27 +343,18 @@ def main(argv=None) -> int:
                             data, task, base_method, options_for(base_method, **more), data.test, args, config, device
                         ),
                     }
-                cells.add({**cell, "options": cell.get("options", more)})
+                recipe_name = choice["candidate"] if base_method == "dm+dkkt" and not fixed_w else None
+                cells.add({**cell, "options": cell.get("options", more), "recipe": recipe_name})
                 print(
                     f"pipc {pipc:>3} ipc {ipc:>3} {method:>10}: {format_accuracy(cell['mean'], cell['std'])}",
                     flush=True,
                 )
 
-    return report(args, sweep, cells, model_meta, config, device)
+    return report(args, sweep, cells, best, model_meta, config, device)
 
 
-def choose(sweep: Cells) -> dict[int, dict]:
-    """Per swept ipc, the validation-best cell (ties go to the smaller w_kkt)."""
-    best: dict[int, dict] = {}
-    for cell in sweep.done:
-        current = best.get(cell["ipc"])
-        if current is None or (round(cell["mean"], 6), -cell["w_kkt"]) > (round(current["mean"], 6), -current["w_kkt"]):
-            best[cell["ipc"]] = cell
-    return best
-
-
-def report(args, sweep: Cells, cells: Cells, model_meta: dict, config, device) -> int:
-    """Print and write the method table and the sweep (cells not finished yet show as 'not run')."""
+def report(args, sweep: Cells, cells: Cells, chosen: dict, model_meta: dict, config, device) -> int:
+    """Print and write the method table, DM+DKKT's gain over DM, and the sweep ('not run' where unfinished)."""
     out = Path(args.out)
     methods = [m for m in args.methods.split(",") if m]
     ipcs, pipcs = [int(i) for i in args.ipcs.split(",")], [int(p) for p in args.pipcs.split(",")]
@@ -254,16 +362,38 @@ def report(args, sweep: Cells, cells: Cells, model_meta: dict, config, device) -
 
     def cell_text(m: str, p: int, i: int) -> str:
         cell = by_key.get((m, p, i))
-        return format_accuracy(cell["mean"], cell["std"]) if cell else "not run"
+        if cell is None:
+            return "not run"
+        recipe = f" ({cell['recipe']})" if cell.get("recipe") else ""
+        return format_accuracy(cell["mean"], cell["std"]) + recipe
+
+    def gain_text(p: int, i: int) -> str:
+        dm, dkkt = by_key.get(("dm", p, i)), by_key.get(("dm+dkkt", p, i))
+        if dm is None or dkkt is None:
+            return "not run"
+        gap, bar = dkkt["mean"] - dm["mean"], max(dm["std"], dkkt["std"])
+        verdict = "above" if gap > bar else ("below" if gap < -bar else "within std")
+        return f"{100 * gap:+.2f} ({verdict})"
 
     rows = [[m, p] + [cell_text(m, p, i) for i in ipcs] for p in pipcs for m in methods]
-    sweep_rows = [
-        [c["ipc"], f"{c['w_kkt']:g}", f"x{c['lambda_scale']:g}", format_accuracy(c["mean"], c["std"])]
-        + [c["seconds_per_iteration"]]
-        for c in sweep.done
-    ]
-    best = choose(sweep)
-    chosen_text = ", ".join(f"ipc {i}: w_kkt {b['w_kkt']:g}, lambda x{b['lambda_scale']:g}" for i, b in best.items())
+    rows += [["dm+dkkt - dm", p] + [gain_text(p, i) for i in ipcs] for p in pipcs]
+    sweep_rows, swept = [], current_cells(args, sweep, parse_candidates(args.candidates))
+    for ipc in sorted({c["ipc"] for c in swept}):
+        for score in score_candidates(swept, ipc):
+            options = ", ".join(f"{k}={v}" for k, v in score["options"].items() if not (k == "lambda_scale" and v == 1))
+            sweep_rows.append(
+                [ipc, score["candidate"], options, score["folds"], format_accuracy(score["mean"], score["std"])]
+            )
+
+    def chosen_line(ipc, c: dict) -> str:
+        leads, named = [], set()
+        for lead in (c["lead_over_dm"], c["lead_over_runner_up"]):
+            if lead is not None and lead["candidate"] not in named:
+                named.add(lead["candidate"])
+                leads.append(f"{100 * lead['gap']:+.2f} over {lead['candidate']} ({lead['in_sem']:.1f} SE)")
+        return f"ipc {ipc}: {c['candidate']} ({'; '.join(leads) or 'alone'})"
+
+    chosen_text = "; ".join(chosen_line(i, c) for i, c in chosen.items())
     accuracy = model_meta.get("accuracy", model_meta.get("test_accuracy", float("nan")))
     source = (
         f"{args.global_model}"
@@ -275,16 +405,21 @@ def report(args, sweep: Cells, cells: Cells, model_meta: dict, config, device) -
         f"{args.iterations} iterations per method; ConvNet-3, {config.epochs}-epoch protocol, {args.runs} runs; "
         f"device {device.type}; DKKT options {args.set or 'defaults'}"
     )
+    seen = args.sweep_pipc - args.val_per_class
     text = (
         f"{header}\n\n{markdown_table(['method', 'pipc'] + [f'ipc {i}' for i in ipcs], rows)}\n\n"
-        f"Sweep (dm+dkkt, pipc {args.sweep_pipc}: {args.sweep_pipc - args.val_per_class} public images per class seen, "
-        f"scored on {args.val_per_class} held-out public images per class; {args.sweep_runs} runs):\n\n"
-        f"{markdown_table(['ipc', 'w_kkt', 'lambda', 'validation acc %', 's/iteration'], sweep_rows)}\n\n"
+        f"Sweep (dm+dkkt at pipc {args.sweep_pipc}, {args.sweep_iterations or args.iterations} iterations; "
+        f"{args.val_folds} folds, each seeing {seen} public images per class and scored on its own "
+        f"{args.val_per_class} held-out ones; {args.sweep_runs} runs per fold; mean over all runs, "
+        f"± std of the fold means):\n\n"
+        f"{markdown_table(['ipc', 'recipe', 'options', 'folds', 'validation acc %'], sweep_rows)}\n\n"
         f"chosen on validation: {chosen_text}; "
         f"peak memory {peak_memory_mib(device):.0f} MiB\n"
     )
     print("\n" + text)
-    atomic_write_json(out / "results.json", {"header": header, "cells": cells.done, "sweep": sweep.done})
+    atomic_write_json(
+        out / "results.json", {"header": header, "cells": cells.done, "sweep": sweep.done, "chosen": chosen}
+    )
     atomic_write_bytes(out / "table.md", text.encode())
     print(f"wrote {out / 'results.json'} and {out / 'table.md'}")
     return 0

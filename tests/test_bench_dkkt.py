@@ -1,0 +1,74 @@
+"""The DKKT benchmark's model selection: folds of the public subset, candidates, and the choice."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.methods.registry import make_task
+from simulations.bench_dkkt import choose, parse_candidates, score_candidates, validation_split
+
+
+def test_folds_hold_out_disjoint_public_images_the_method_never_sees(digits):
+    task = make_task(digits, 2, pipc=30, seed=3, progress=False)
+    held_rows = []
+    for fold in range(3):
+        trimmed, val = validation_split(task, 8, seed=3, fold=fold)
+        assert len(val) == 80 and len(trimmed.real) == 220 and trimmed.pipc == 22
+        assert all(int((val.labels == c).sum()) == 8 for c in range(10))
+        seen = trimmed.real.images.flatten(1)
+        assert not (seen[:, None] == val.images.flatten(1)[None]).all(-1).any()  # never trained on
+        assert set(trimmed.real_indices.tolist()) <= set(task.real_indices.tolist())
+        held_rows.append({tuple(x.tolist()) for x in val.images.flatten(1)})
+    assert not (held_rows[0] & held_rows[1]) and not (held_rows[1] & held_rows[2])
+    with pytest.raises(SystemExit, match="val-per-class"):
+        validation_split(task, 10, seed=3, fold=2)  # 30 images: fold 2 would leave none to train on
+
+
+def test_candidates_parse_to_typed_options_with_a_lambda_scale():
+    text = "dm: w_kkt=0 | clean: w_kkt=10,kkt_clean_term=true,kkt_aug_weight=0 | l: lambda_scale=0.1"
+    candidates = parse_candidates(text)
+    assert candidates["dm"] == {"w_kkt": 0.0, "lambda_scale": 1.0}
+    assert candidates["clean"] == {"w_kkt": 10.0, "kkt_clean_term": True, "kkt_aug_weight": 0.0, "lambda_scale": 1.0}
+    assert candidates["l"] == {"lambda_scale": 0.1}
+    with pytest.raises(SystemExit, match="NAME"):
+        parse_candidates("w_kkt=1")
+
+
+def cell(name: str, fold: int, accuracies: list[float], order: int, w: float) -> dict:
+    mean = sum(accuracies) / len(accuracies)
+    return {
+        "ipc": 10,
+        "candidate": name,
+        "fold": fold,
+        "options": {"w_kkt": w},
+        "accuracies": accuracies,
+        "mean": mean,
+        "order": order,
+    }
+
+
+def test_choice_is_the_best_mean_over_folds_with_its_lead_in_standard_errors():
+    cells = [
+        cell("dm", 0, [0.80, 0.82], 0, 0.0),
+        cell("dm", 1, [0.78, 0.80], 0, 0.0),
+        cell("w1", 0, [0.86, 0.84], 1, 1.0),
+        cell("w1", 1, [0.83, 0.85], 1, 1.0),
+        cell("w10", 0, [0.90, 0.60], 2, 10.0),  # one lucky fold, one bad: lower mean
+        cell("w10", 1, [0.70, 0.70], 2, 10.0),
+        cell("other-ipc", 0, [0.99], 3, 5.0) | {"ipc": 1},
+    ]
+    scores = score_candidates(cells, 10)
+    assert [s["candidate"] for s in scores] == ["dm", "w1", "w10"]
+    w1 = scores[1]
+    assert w1["mean"] == pytest.approx(0.845) and w1["folds"] == 2
+    assert w1["std"] == pytest.approx(0.01 / 2**0.5)  # sample std of the fold means 0.85 and 0.84
+    chosen = choose(scores)
+    assert chosen["candidate"] == "w1"
+    lead = chosen["lead_over_dm"]
+    pooled = (scores[0]["sem"] ** 2 + w1["sem"] ** 2) ** 0.5
+    assert lead["candidate"] == "dm" and lead["gap"] == pytest.approx(0.045)
+    assert lead["in_sem"] == pytest.approx(0.045 / pooled) and lead["in_sem"] > 1
+    assert chosen["lead_over_runner_up"]["candidate"] == "dm"
+    # a tie goes to the earlier candidate (DM before any DKKT recipe)
+    tie = choose(score_candidates([cell("dm", 0, [0.8], 0, 0.0), cell("w1", 0, [0.8], 1, 1.0)], 10))
+    assert tie["candidate"] == "dm" and tie["lead_over_dm"] is None
