@@ -45,6 +45,16 @@ class EvalConfig:
 
 
 PRESETS = {"paper": EvalConfig(), "quick": EvalConfig(epochs=300)}
+# DiM's evaluation of a generator (its validate.py): 1000 epochs, constant lr 0.01, batch 64 of
+# fresh samples, per-sample DSA color + crop, the best of a test every 200 epochs. It picks the
+# epoch on the test split, so its figures are optimistic and never compared with the default's.
+DIM_PROTOCOL = EvalConfig(epochs=1000, batch_size=64, lr_decay_at=0.0, dsa_strategy="color_crop")
+DIM_TESTS = 5
+
+
+def dim_images_per_epoch(total: int, batch_size: int = 64) -> int:
+    """DiM's epoch on a generator: ``total // batch + 1`` batches of fresh samples (ipc x C = total)."""
+    return (total // batch_size + 1) * batch_size
 
 
 @dataclass
@@ -287,14 +297,17 @@ def evaluate_resampled(
     device: str | torch.device = "auto",
     workers: int | None = None,
     progress: bool = True,
-    test_every: int = 10,
+    test_every: int | None = None,
 ) -> EvalResult:
     """DiM's protocol, for generators only: a fresh set ``sampler(seed)`` every epoch, and the
-    *best* test accuracy over the epochs tested (every ``test_every``). Not comparable with
+    *best* test accuracy over the epochs tested (every ``test_every``; default: DIM_TESTS tests
+    per run). ``config`` defaults to :data:`DIM_PROTOCOL`. Not comparable with
     :func:`evaluate_set`; results carry ``protocol: resampled-best`` in their config."""
+    config = config or DIM_PROTOCOL
+    test_every = test_every or max(1, config.epochs // DIM_TESTS)
     if test_every < 1:
         raise ConfigError("test_every must be at least 1")
-    config, plan, workers = _plan(arch, info, config or PRESETS["paper"], runs, seed, device, workers, progress, None)
+    config, plan, workers = _plan(arch, info, config, runs, seed, device, workers, progress, None)
     started = time.perf_counter()
     accuracies = _map_runs(_one_resampled_run, plan, workers, sampler, test, test_every)
     details = {**asdict(config), "protocol": "resampled-best", "test_every": test_every}

@@ -170,7 +170,8 @@ def generate_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None
     parser.add_argument(
         "--dim-protocol",
         action="store_true",
-        help="with --evaluate, also DiM's protocol: fresh samples every epoch, best test epoch (reported separately)",
+        help="with --evaluate, also DiM's protocol: 1000 epochs (or --epochs) of fresh random-label batches of 64, "
+        "constant lr, best of 5 tests (reported separately)",
     )
     parser.add_argument("--no-progress", action="store_true")
     add_allocation_arguments(parser)
@@ -262,14 +263,17 @@ def _generator_allocation(meta: dict, counts: dict[int, int], args: argparse.Nam
 
 def evaluate_dim_protocol(generator, info, meta, counts, args, out: Path) -> list[dict]:
     """DiM's protocol (fresh samples every epoch, best test epoch), recorded apart from the default."""
+    from dataclasses import replace
+
     from common.artifacts import update_manifest
-    from common.commands import eval_config_from_args
     from common.datasets import load_dataset
-    from common.evaluation import evaluate_resampled
+    from common.evaluation import DIM_PROTOCOL, dim_images_per_epoch, evaluate_resampled
     from server.methods.gan import GeneratorSampler
 
     data = load_dataset(meta.get("dataset_spec") or info.name, data_root=args.data_root, download=args.download)
-    sampler = GeneratorSampler(generator.shape, generator.cpu().state_dict(), info, counts, args.seed)
+    per_epoch = dim_images_per_epoch(sum(counts.values()), DIM_PROTOCOL.batch_size)
+    sampler = GeneratorSampler(generator.shape, generator.cpu().state_dict(), info, counts, args.seed, per_epoch)
+    protocol = replace(DIM_PROTOCOL, epochs=args.epochs or DIM_PROTOCOL.epochs)
     results = []
     for arch in [a.strip() for a in args.models.split(",") if a.strip()]:
         result = evaluate_resampled(
@@ -278,13 +282,13 @@ def evaluate_dim_protocol(generator, info, meta, counts, args, out: Path) -> lis
             info,
             arch=arch,
             runs=args.runs,
-            config=eval_config_from_args(args),
+            config=protocol,
             seed=args.seed,
             device=args.device,
             workers=args.workers,
             progress=not args.no_progress,
         )
-        print(f"DiM protocol (fresh samples every epoch, best test epoch) {result}")
+        print(f"DiM protocol ({per_epoch} fresh random-label samples per epoch, best of 5 tests) {result}")
         results.append(result.to_dict())
     update_manifest(out, evaluation_dim_protocol={r["arch"]: r for r in results})
     return results

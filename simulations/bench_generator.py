@@ -4,12 +4,14 @@
         --stage1-steps 2000 --stage2-steps 200 --ipcs 1,10,50 --runs 3 --quick --out runs/bench-generator
 
 One CGAN (stage 1) is trained and shared by every variant, so the variants differ only in their
-stage 2 (same steps, same batches, same seed): ``cgan`` (matching weights 0), ``logit``
-(w_local 0) and ``global+local`` (the defaults, or ``--set``). Every ipc is sampled from the one
-generator of each variant (no retraining). Tables: fixed-set protocol (the project's default,
-DESIGN s.8) per variant x ipc; DiM's protocol (fresh samples every epoch, best test epoch) for
-``--dim-variants``, labelled as such; cross-architecture at ``--cross-ipc``. Every finished stage
-and cell is kept in ``--out``; a rerun resumes. Writes ``results.json`` and ``table.md``.
+stage 2 (same steps, same batches, same seed): ``cgan`` (matching weights 0, but the same stage-2
+learning rates and steps), ``logit`` (w_local 0) and ``global+local`` (the defaults, or ``--set``).
+Every ipc is sampled from the one generator of each variant (no retraining). Tables, each
+labelled with its protocol: the fixed set (the project's default, DESIGN s.8: ipc x C images,
+last epoch) per variant x ipc, with random real images as the reference row; DiM's protocol
+(``common.evaluation.DIM_PROTOCOL``: fresh random-label batches every epoch, constant lr, batch
+64, the best of 5 tests) per variant x ipc; cross-architecture at ``--cross-ipc``. Every finished
+stage and cell is kept in ``--out``; a rerun resumes. Writes ``results.json`` and ``table.md``.
 """
 
 from __future__ import annotations
@@ -25,12 +27,18 @@ import torch
 from common.checkpoint import identity_options, load_checkpoint, save_checkpoint
 from common.commands import eval_config_from_args
 from common.datasets import load_dataset
-from common.evaluation import evaluate_resampled, evaluate_set
+from common.evaluation import DIM_PROTOCOL, dim_images_per_epoch, evaluate_resampled, evaluate_set
 from common.fileio import atomic_write_json
 from common.report import Cells, format_accuracy, markdown_table
-from common.runtime import peak_memory_mib, resolve_device
+from common.runtime import derive_seed, make_generator, peak_memory_mib, resolve_device
 from server.methods.gan import GeneratorSampler, load_generator, sample, save_generator
-from server.methods.generator import NON_IDENTITY_OPTIONS, GeneratorConfig, train_generator
+from server.methods.generator import (
+    NON_IDENTITY_OPTIONS,
+    TERMS_PLOT,
+    GeneratorConfig,
+    save_terms_plot,
+    train_generator,
+)
 from server.methods.registry import coerce_option, make_task
 
 VARIANTS = {"cgan": {"w_global": 0.0, "w_local": 0.0}, "logit": {"w_local": 0.0}, "global+local": {}}
@@ -49,8 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--ipcs", default="1,10,50")
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--dim-variants", default="global+local", help="variants also evaluated with DiM's protocol")
+    p.add_argument("--dim-variants", default=",".join(VARIANTS), help="variants also evaluated with DiM's protocol")
     p.add_argument("--dim-ipcs", default="", help="ipcs of the DiM-protocol cells (default: --ipcs)")
+    p.add_argument("--dim-epochs", type=int, default=DIM_PROTOCOL.epochs, help="epochs of DiM's protocol")
     p.add_argument("--cross-archs", default="convnet3,resnet18,alexnet,vgg11")
     p.add_argument("--cross-ipc", type=int, default=10)
     p.add_argument("--cross-variant", default="global+local")
@@ -97,6 +106,7 @@ def variant_generator(task, config: GeneratorConfig, name: str, start: dict, out
     s2 = trainer.seconds[1] / max(1, variant.stage2_steps)
     meta = {
         "variant": name,
+        "selection": trainer.chosen,
         "method_options": dataclasses.asdict(variant),
         "seconds_per_step_stage1": round(start["seconds_per_step"], 4),
         "seconds_per_step_stage2": round(s2, 4),
@@ -104,9 +114,22 @@ def variant_generator(task, config: GeneratorConfig, name: str, start: dict, out
         "pipc": task.pipc,
         "seed": task.seed,
     }
-    save_generator(where, trainer.gen.cpu(), task.info, meta, {"stage2.png": trainer.grid_samples()}, overwrite=True)
+    figures = {TERMS_PLOT: lambda path: save_terms_plot(trainer.curves, path)}
+    meta["loss_curves"] = trainer.curves
+    grid = {"stage2.png": trainer.grid_samples()}
+    save_generator(where, trainer.gen.cpu(), task.info, meta, grid, overwrite=True, figures=figures)
     print(f"{name}: stage 2 {s2:.3f} s/step", flush=True)
     return load_generator(where)
+
+
+def random_real(data, ipc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ipc`` random training images per class (seeded): the reference every generator must beat."""
+    picks = []
+    for c, members in enumerate(data.train.class_indices(data.info.num_classes)):
+        order = torch.randperm(len(members), generator=make_generator(derive_seed(seed, "random-real", c)))
+        picks.append(members[order[:ipc]])
+    chosen = torch.cat(picks)
+    return data.train.images[chosen], data.train.labels[chosen]
 
 
 def main(argv=None) -> int:
@@ -130,26 +153,36 @@ def main(argv=None) -> int:
 
     cells = Cells(out / "cells.json")
     ipcs = [int(i) for i in args.ipcs.split(",")]
-    wanted = [(v, ipc, "convnet3", "fixed") for v in variants for ipc in ipcs]
+    wanted = [("random real", ipc, "convnet3", "fixed") for ipc in ipcs]
+    wanted += [(v, ipc, "convnet3", "fixed") for v in variants for ipc in ipcs]
     dim_ipcs = [int(i) for i in (args.dim_ipcs or args.ipcs).split(",")]
     wanted += [(v, ipc, "convnet3", "dim") for v in args.dim_variants.split(",") if v in variants for ipc in dim_ipcs]
     if args.cross_variant in variants:
         wanted += [(args.cross_variant, args.cross_ipc, a, "fixed") for a in args.cross_archs.split(",") if a]
+    dim_protocol = replace(DIM_PROTOCOL, epochs=args.dim_epochs)
     for variant, ipc, arch, kind in wanted:
         key = {"variant": variant, "ipc": ipc, "arch": arch, "protocol": kind}
         if cells.get(key) is not None:
             continue
-        gen, info, _ = generators[variant]
+        info = data.info
         counts = dict.fromkeys(range(info.num_classes), ipc)
-        if kind == "fixed":
+        if variant == "random real":
+            images, labels = random_real(data, ipc, args.seed)
+            result = evaluate_set(
+                images, labels, data.test, info, arch, args.runs, protocol, args.seed, device, progress=False
+            )
+        elif kind == "fixed":
+            gen = generators[variant][0]
             images, labels = sample(gen, counts, args.seed, info, device)
             result = evaluate_set(
                 images, labels, data.test, info, arch, args.runs, protocol, args.seed, device, progress=False
             )
         else:
-            sampler = GeneratorSampler(gen.shape, gen.cpu().state_dict(), info, counts, args.seed)
+            gen = generators[variant][0]
+            per_epoch = dim_images_per_epoch(sum(counts.values()), dim_protocol.batch_size)
+            sampler = GeneratorSampler(gen.shape, gen.cpu().state_dict(), info, counts, args.seed, per_epoch)
             result = evaluate_resampled(
-                sampler, data.test, info, arch, args.runs, protocol, args.seed, device, progress=False
+                sampler, data.test, info, arch, args.runs, dim_protocol, args.seed, device, progress=False
             )
         cells.add({**key, "mean": result.mean, "std": result.std, "accuracies": result.accuracies})
         print(f"{variant:>12} ipc {ipc:>3} {arch:>9} {kind:>5}: {format_accuracy(result.mean, result.std)}", flush=True)
@@ -167,31 +200,35 @@ def report(args, cells: Cells, generators: dict, protocol, device: torch.device,
     timing = {name: meta for name, (_, _, meta) in generators.items()}
     header = (
         f"{args.dataset}, pipc {args.pipc}; one CGAN of {args.stage1_steps} steps shared by all variants, then "
-        f"{args.stage2_steps} stage-2 steps each; ConvNet-3, {protocol.epochs} epochs, {args.runs} runs; "
-        f"device {device}"
+        f"{args.stage2_steps} stage-2 steps each; options {args.set or 'defaults'}; {args.runs} runs; device {device}"
     )
-    rows = [[v, *(text(v, i) for i in ipcs)] for v in generators]
-    fixed = markdown_table(["variant (fixed set)", *(f"ipc {i}" for i in ipcs)], rows)
-    dim_rows = [
-        [f"{v} (DiM protocol)", *(text(v, i, kind="dim") for i in ipcs)]
-        for v in args.dim_variants.split(",")
-        if v in generators
-    ]
-    dim = (
-        markdown_table(["variant (fresh samples/epoch, best epoch)", *(f"ipc {i}" for i in ipcs)], dim_rows)
-        if dim_rows
-        else ""
+    rows = [["random real", *(text("random real", i) for i in ipcs)]]
+    rows += [[v, *(text(v, i) for i in ipcs)] for v in generators]
+    fixed = markdown_table(
+        [f"fixed set, ConvNet-3, {protocol.epochs} epochs, last epoch", *(f"ipc {i}" for i in ipcs)], rows
     )
+    dim_rows = [[v, *(text(v, i, kind="dim") for i in ipcs)] for v in args.dim_variants.split(",") if v in generators]
+    dim_title = f"DiM protocol, ConvNet-3, {args.dim_epochs} epochs of fresh batches, best of 5 tests"
+    dim = markdown_table([dim_title, *(f"ipc {i}" for i in ipcs)], dim_rows) if dim_rows else ""
     archs = [a for a in args.cross_archs.split(",") if a]
     cross = markdown_table(
-        [f"{args.cross_variant}, ipc {args.cross_ipc}", *archs],
-        [["fixed set", *(text(args.cross_variant, args.cross_ipc, a) for a in archs)]],
+        [f"{args.cross_variant}, ipc {args.cross_ipc}, fixed set", *archs],
+        [["accuracy %", *(text(args.cross_variant, args.cross_ipc, a) for a in archs)]],
     )
     speed = markdown_table(
-        ["variant", "stage 1 s/step", "stage 2 s/step"],
-        [[v, m.get("seconds_per_step_stage1"), m.get("seconds_per_step_stage2")] for v, m in timing.items()],
+        ["variant", "stage 1 s/step", "stage 2 s/step", "held-out selection (stage: step, score)"],
+        [
+            [
+                v,
+                m.get("seconds_per_step_stage1"),
+                m.get("seconds_per_step_stage2"),
+                "; ".join(f"{k}: {c['step']}, {100 * c['score']:.1f}" for k, c in (m.get("selection") or {}).items())
+                or "-",
+            ]
+            for v, m in timing.items()
+        ],
     )
-    tables = "\n\n".join(t for t in (header, fixed, dim, cross, speed) if t)
+    tables = "\n\n".join(t for t in (header, fixed, dim, cross, speed, ordering(cells, generators, ipcs)) if t)
     tables += f"\n\npeak memory {peak_memory_mib(device):.0f} MiB; this run {seconds:.0f} s"
     print("\n" + tables)
     out = Path(args.out)
@@ -199,6 +236,34 @@ def report(args, cells: Cells, generators: dict, protocol, device: torch.device,
     atomic_write_json(out / "results.json", {"header": header, "cells": cells.done, "generators": timing})
     print(f"\nwrote {out / 'results.json'} and {out / 'table.md'}")
     return 0
+
+
+def ordering(cells: Cells, generators: dict, ipcs: list[int]) -> str:
+    """The issue's targets beside the figures: global+local >= logit >= cgan per ipc and protocol, and
+    the best generator's fixed ipc-50 sample against random real images at ipc 10."""
+    lines = []
+    for kind in ("fixed", "dim"):
+        for ipc in ipcs:
+            means = {
+                v: c["mean"]
+                for v in ("global+local", "logit", "cgan")
+                if (c := cells.get({"variant": v, "ipc": ipc, "arch": "convnet3", "protocol": kind}))
+            }
+            if len(means) == 3:
+                held = means["global+local"] >= means["logit"] >= means["cgan"]
+                order = " >= ".join(sorted(means, key=means.get, reverse=True))
+                lines.append(f"- {kind} ipc {ipc}: {order} ({'ordering holds' if held else 'ordering MISSED'})")
+    real = cells.get({"variant": "random real", "ipc": 10, "arch": "convnet3", "protocol": "fixed"})
+    fifty = [c for c in cells.done if c["ipc"] == 50 and c["protocol"] == "fixed" and c["variant"] in generators]
+    if real and fifty:
+        best = max(fifty, key=lambda c: c["mean"])
+        verdict = "above" if best["mean"] > real["mean"] else "BELOW"
+        lines.append(
+            f"- best generator's fixed ipc-50 sample ({best['variant']}) "
+            f"{format_accuracy(best['mean'], best['std'])} vs random real ipc 10 "
+            f"{format_accuracy(real['mean'], real['std'])}: {verdict}"
+        )
+    return "Targets:\n" + "\n".join(lines) if lines else ""
 
 
 if __name__ == "__main__":

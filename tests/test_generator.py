@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -21,7 +22,15 @@ from server.methods.gan import (
     save_generator,
     to_unit,
 )
-from server.methods.generator import CHECKPOINT_FILE, GeneratorConfig, GeneratorTrainer, layer_choice, train_generator
+from server.methods.generator import (
+    CHECKPOINT_FILE,
+    GeneratorConfig,
+    GeneratorTrainer,
+    layer_choice,
+    matching_losses,
+    shared_augment,
+    train_generator,
+)
 from server.methods.registry import make_task
 
 TINY = dict(width=16, batch_size=32, match_batch=16, log_every=2, checkpoint_every=0)
@@ -31,9 +40,10 @@ def info_of(channels: int, size: int) -> DatasetInfo:
     return DatasetInfo("x", channels, size, 10, tuple(map(str, range(10))), (0.5,) * channels, (0.25,) * channels)
 
 
+@pytest.mark.parametrize("arch", ["small", "dim"])
 @pytest.mark.parametrize("channels,size", [(1, 28), (3, 32), (1, 8)])
-def test_generator_and_discriminator_shapes_and_ranges(channels, size):
-    shape = GeneratorShape(channels, size, 10, noise_dim=100, width=16)
+def test_generator_and_discriminator_shapes_and_ranges(channels, size, arch):
+    shape = GeneratorShape(channels, size, 10, noise_dim=100, width=16, arch=arch)
     gen, disc = ConditionalGenerator(shape), ACDiscriminator(shape)
     labels = torch.arange(10).repeat(2)
     images = gen(torch.randn(20, 100) * 5, labels)
@@ -77,18 +87,129 @@ def test_zero_matching_weights_leave_only_the_cgan_loss(digits):
     plain = GeneratorTrainer(task, GeneratorConfig(**TINY, stage1_steps=1, stage2_steps=1, w_global=0, w_local=0))
     assert plain.pool is None
     x, y = plain.real_batch(8)
-    total, terms = plain.generator_objective(x, y, None)
+    total, terms = plain.generator_objective(x, y, False)
     assert set(terms) == {"cgan"} and total is terms["cgan"]
 
     matched = GeneratorTrainer(task, GeneratorConfig(**TINY, stage1_steps=1, stage2_steps=1, pool="convnet3"))
-    total, terms = matched.generator_objective(x, y, 0)
+    matched.pool.maybe_redraw(0, matched.rng)
+    total, terms = matched.generator_objective(x, y, True)
     assert set(terms) == {"cgan", "global", "local"} and terms["global"] > 0 and terms["local"] > 0
-    expected = terms["cgan"] + 0.01 * terms["global"] + 0.001 * terms["local"]
-    assert torch.allclose(total, expected)
+    assert torch.allclose(total, terms["cgan"] + terms["global"] + terms["local"])
     # the matching gradient reaches the generator, not the pool model
     total.backward()
-    assert all(p.grad is None for p in matched.pool.models[0].parameters())
+    assert all(p.grad is None for p in matched.pool.model.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in matched.gen.parameters())
+
+
+def test_matching_terms_never_outweigh_the_gan_term_at_the_start_of_stage_2(digits):
+    """The scale regression behind the prototype collapse: summed terms swamped the CGAN loss."""
+    task = make_task(digits, 1, pipc=50, seed=1, progress=False)
+    config = GeneratorConfig(**TINY, stage1_steps=100, stage2_steps=1, lr_stage1=5e-4, pool="convnet3", pool_steps=4)
+    stage1 = train_generator(task, replace(config, stage2_steps=0))
+    trainer = GeneratorTrainer(task, config)
+    trainer.load_state_dict({**stage1.state_dict(), "pool": None})
+    trainer.begin_stage2()
+    trainer.pool.maybe_redraw(0, trainer.rng)
+    trainer.pool.train([trainer.real_batch(config.match_batch) for _ in range(config.pool_steps)], trainer.rng)
+    x, y = trainer.real_batch(64)
+    _, terms = trainer.generator_objective(x, y, True)
+    params = [p for p in trainer.gen.parameters()]
+
+    def pull(term: torch.Tensor) -> float:
+        grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        return float(torch.sqrt(sum((g**2).sum() for g in grads if g is not None)))
+
+    gan = pull(terms["cgan"])
+    for name in ("global", "local"):
+        assert pull(terms[name]) < gan, (name, pull(terms[name]), gan)
+        assert abs(terms[name].item()) < abs(terms["cgan"].item()), (name, terms)
+    # the same terms summed over the batch and the entries (the old scale) would have outweighed it
+    fake = from_unit(trainer.gen(trainer.noise(64), y), task.info)
+    _, mean_local = matching_losses(trainer.pool.model, trainer.pool.layer, fake, x, y)
+    with torch.no_grad():
+        mid, _ = trainer.pool.model.features_and_logits(x, trainer.pool.layer)
+    summed_local = config.w_local * mean_local * mid.numel()
+    assert pull(summed_local) > gan and summed_local.item() > abs(terms["cgan"].item())
+
+
+def test_local_match_class_mean_compares_per_class_mean_features():
+    torch.manual_seed(0)
+    from common.models import build_model
+
+    model = build_model("convnet3", 1, 10, 8)
+    real, labels = torch.randn(6, 1, 8, 8), torch.tensor([0, 0, 0, 1, 1, 1])
+    shuffled = real[torch.tensor([2, 0, 1, 5, 3, 4])]  # the same images, paired with other class members
+    _, pair = matching_losses(model, "block2", shuffled, real, labels, "pair")
+    _, class_mean = matching_losses(model, "block2", shuffled, real, labels, "class-mean")
+    assert pair > 1e-4 and class_mean < 1e-9  # same class means, different pairs
+    with pytest.raises(ConfigError, match="local_match"):
+        GeneratorConfig(local_match="batch")
+
+
+def test_shared_augmentation_gives_each_pair_the_same_transform():
+    from common.augment import DSA
+
+    torch.manual_seed(0)
+    real = torch.randn(64, 1, 16, 16)
+    fake = real.clone().requires_grad_(True)
+    for strategy in ("crop", "scale", "rotate", "color", "cutout"):
+        real_aug, fake_aug = shared_augment(DSA(strategy), real, fake, torch.Generator().manual_seed(3))
+        assert torch.allclose(real_aug, fake_aug, atol=1e-6), strategy  # paired images: one transform
+        assert not torch.allclose(real_aug, real, atol=1e-3), strategy  # ... that really transforms
+    fake_aug.sum().backward()  # differentiable on the generated side
+    assert fake.grad is not None and fake.grad.abs().sum() > 0
+    same = real[:1].repeat(64, 1, 1, 1)  # one image in every pair: the pairs' transforms differ
+    real_aug, fake_aug = shared_augment(DSA("crop"), same, same.clone(), torch.Generator().manual_seed(4))
+    assert torch.equal(real_aug, fake_aug) and len({tuple(x.flatten().tolist()) for x in real_aug}) > 10
+    _, out = shared_augment(None, real, fake, torch.Generator())
+    assert out is fake
+
+
+def test_pool_models_are_redrawn_on_dims_schedule(digits):
+    task = make_task(digits, 1, pipc=20, progress=False)
+    config = GeneratorConfig(**TINY, stage1_steps=0, stage2_steps=7, pool="convnet3", pool_steps=1)
+    assert GeneratorTrainer(task, config).reinit_every == 13  # one epoch: ceil(200 / 16)
+    trainer = GeneratorTrainer(task, replace(config, pool_reinit_every=3))
+    trainer.begin_stage2()
+    assert [g["lr"] for o in (trainer.opt_g, trainer.opt_d) for g in o.param_groups] == [5e-6, 5e-6]
+    models = []
+    for _ in range(7):
+        trainer.train_step()
+        trainer.step += 1
+        models.append(trainer.pool.model)
+    assert trainer.pool.draws == 3  # steps 0, 3, 6
+    assert [len({id(m) for m in models[i : i + 3]}) for i in (0, 3)] == [1, 1] and models[2] is not models[3]
+    assert trainer.pool.dsa is not None and trainer.pool.dsa.strategy == "color_crop"
+    first_conv = [next(m.parameters()).detach() for m in (models[0], models[3], models[6])]
+    assert not torch.equal(first_conv[0], first_conv[1]) and not torch.equal(first_conv[1], first_conv[2])
+
+
+def test_held_out_selection_never_trains_on_them_and_ends_on_the_best_state(digits):
+    task = make_task(digits, 1, pipc=20, seed=2, progress=False)
+    config = GeneratorConfig(
+        **TINY,
+        stage1_steps=6,
+        stage2_steps=4,
+        pool="convnet3",
+        pool_steps=1,
+        select_every=2,
+        select_per_class=5,
+        select_ipc=2,
+        select_epochs=3,
+    )
+    trainer = train_generator(task, config)
+    held = trainer.selector.held
+    assert len(held) == 50 and len(trainer.real_y) == 150
+    assert not (trainer.real_x.flatten(1)[:, None] == held.images.flatten(1)[None]).all(-1).any()
+    history = trainer.selector.history
+    assert [step for step, stage, _ in history if stage == 1] == [0, 2, 4, 6]
+    assert [step for step, stage, _ in history if stage == 2] == [6, 8, 10]
+    for stage in (1, 2):
+        scores = [(score, step) for step, s, score in history if s == stage]
+        best_score = max(score for score, _ in scores)
+        assert trainer.chosen[str(stage)]["score"] == best_score
+    # the generator the method returns is the selected one (scoring is deterministic)
+    assert trainer.selector.score(trainer.gen) == trainer.chosen["2"]["score"]
 
 
 def test_pool_layers_default_to_the_middle_stage_and_are_checked():
@@ -108,8 +229,10 @@ def test_generator_reads_only_the_public_subset(digits):
     assert torch.equal(trainer.real_x, digits.train.images[task.real_indices])
 
 
-def test_interrupted_run_resumes_exactly_across_the_stage_boundary(digits, tmp_path):
+@pytest.mark.parametrize("select_every", [0, 3])
+def test_interrupted_run_resumes_exactly_across_the_stage_boundary(digits, tmp_path, select_every):
     config = dict(**{**TINY, "checkpoint_every": 2}, stage1_steps=6, stage2_steps=4, pool="convnet3", pool_steps=1)
+    config.update(select_every=select_every, select_per_class=4, select_ipc=1, select_epochs=2, pool_reinit_every=3)
     full = train_generator(make_task(digits, 1, pipc=20, seed=4, progress=False), GeneratorConfig(**config))
 
     task = make_task(digits, 1, pipc=20, seed=4, progress=False, workdir=tmp_path)
@@ -126,6 +249,8 @@ def test_interrupted_run_resumes_exactly_across_the_stage_boundary(digits, tmp_p
     for name, value in full.gen.state_dict().items():
         assert torch.equal(value, resumed.gen.state_dict()[name]), name
     assert resumed.curves == full.curves
+    if select_every:
+        assert resumed.selector.history == full.selector.history and resumed.chosen == full.chosen
     with pytest.raises(ArtifactError, match="different job"):
         train_generator(task, GeneratorConfig(**{**config, "w_local": 0.5}, resume=True))
 
@@ -165,7 +290,7 @@ def test_cli_distill_then_generate_any_counts(tmp_path, capsys):
     dset = load_distilled_set(gen_dir)
     assert len(dset) == 20 and dset.manifest["variant"] == "global+local"
     assert dset.manifest["seconds_per_step_stage2"] > 0 and dset.manifest["pool"] == ["convnet3"]
-    for name in ("generator.json", "generator.safetensors", "stage1.png", "stage2.png"):
+    for name in ("generator.json", "generator.safetensors", "stage1.png", "stage2.png", "stage2-terms.png"):
         assert (gen_dir / "generator" / name).is_file()
 
     per_class = tmp_path / "counts.json"
@@ -197,4 +322,33 @@ def test_dim_protocol_is_reported_apart(tmp_path, digits):
     manifest = load_distilled_set(out).manifest
     dim = manifest["evaluation_dim_protocol"]["convnet3"]
     assert dim["config"]["protocol"] == "resampled-best" and 0 <= dim["mean"] <= 1
+    assert dim["config"]["lr_decay_at"] == 0 and dim["config"]["batch_size"] == 64  # constant lr, DiM's batch
     assert "convnet3" in json.dumps(manifest["evaluation"])
+
+
+def test_dim_sampler_draws_fresh_random_label_batches():
+    from common.evaluation import dim_images_per_epoch
+
+    assert [dim_images_per_epoch(n) for n in (10, 100, 500)] == [64, 128, 512]
+    info = info_of(1, 8)
+    torch.manual_seed(0)
+    gen = ConditionalGenerator(GeneratorShape.for_dataset(info, width=8))
+    sampler = GeneratorSampler(gen.shape, gen.state_dict(), info, {c: 1 for c in range(10)}, 5, random_labels=128)
+    images, labels = sampler(0)
+    assert images.shape == (128, 1, 8, 8) and len(labels.unique()) == 10
+    assert not torch.equal(sampler(1)[1], labels) and torch.equal(sampler(0)[1], labels)
+
+
+def test_cancel_from_the_progress_hook_stops_the_generator(digits):
+    from common.errors import Cancelled
+
+    seen = []
+
+    def hook(step, total, loss):
+        seen.append((step, total))
+        return step < 4
+
+    task = replace(make_task(digits, 1, progress=False), on_progress=hook)
+    with pytest.raises(Cancelled, match="after 4 of 12"):
+        train_generator(task, GeneratorConfig(**TINY, stage1_steps=10, stage2_steps=2, pool="convnet3", pool_steps=1))
+    assert seen == [(2, 12), (4, 12)]

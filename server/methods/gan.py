@@ -3,6 +3,11 @@
 * :class:`ConditionalGenerator` maps noise ``z`` (dim 100) and a label to an image in [-1, 1]
   of any registry dataset's size and channels (the label is a one-hot concatenated to ``z``).
 * :class:`ACDiscriminator` has a real/fake critic head (WGAN-GP) and a class head (AC-GAN).
+* Two sizes (``GeneratorShape.arch``): ``small`` (width 64, 3 convolutions each; 0.9 M / 0.8 M
+  parameters at 28 px) for CPU budgets, and ``dim``, DiM's size (width 196, 7 and 8 convolutions;
+  2.4 M / 2.4 M). Ours, not DiM's code: the generator normalises per sample (GroupNorm) where
+  DiM uses BatchNorm, so a sample never depends on what else is in its batch, and the label is
+  concatenated to ``z`` where DiM overwrites z's first C entries.
 * ``to_unit`` / ``from_unit`` convert between the dataset's normalised space (what models and
   artifacts hold) and the GAN's [-1, 1] space; conversion happens only at this boundary.
 * A generator artifact is a directory with ``generator.safetensors`` + ``generator.json``;
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,47 +47,71 @@ class GeneratorShape:
     num_classes: int
     noise_dim: int = 100
     width: int = 64
+    arch: str = "small"  # small | dim (DiM's size)
 
     def __post_init__(self) -> None:
         if min(self.channels, self.image_size, self.num_classes, self.noise_dim, self.width) < 1:
             raise ConfigError("generator needs channels, image_size, num_classes, noise_dim and width >= 1")
+        if self.arch not in ARCH_WIDTHS:
+            raise ConfigError(f"generator arch {self.arch!r} is unknown; use {' or '.join(ARCH_WIDTHS)}")
 
     @classmethod
-    def for_dataset(cls, info: DatasetInfo, noise_dim: int = 100, width: int = 64) -> GeneratorShape:
-        return cls(info.channels, info.image_size, info.num_classes, noise_dim, width)
+    def for_dataset(
+        cls, info: DatasetInfo, noise_dim: int = 100, width: int = 0, arch: str = "small"
+    ) -> GeneratorShape:
+        """The shape for a dataset; ``width`` 0 takes the arch's default (small 64, dim 196)."""
+        if arch not in ARCH_WIDTHS:
+            raise ConfigError(f"generator arch {arch!r} is unknown; use {' or '.join(ARCH_WIDTHS)}")
+        return cls(info.channels, info.image_size, info.num_classes, noise_dim, width or ARCH_WIDTHS[arch], arch)
+
+
+ARCH_WIDTHS = {"small": 64, "dim": 196}
 
 
 def _norm(channels: int) -> nn.Module:
     # Per-sample normalisation: a sample never depends on what else is in its batch.
-    return nn.GroupNorm(min(8, channels), channels)
+    return nn.GroupNorm(math.gcd(8, channels), channels)
+
+
+def _conv_block(c_in: int, c_out: int, upsample: bool = False) -> list[nn.Module]:
+    up = [nn.Upsample(scale_factor=2, mode="nearest")] if upsample else []
+    return [*up, nn.Conv2d(c_in, c_out, 3, padding=1), _norm(c_out), nn.ReLU(inplace=True)]
 
 
 class ConditionalGenerator(nn.Module):
-    """[z, onehot(y)] -> linear -> (2w, s/4, s/4) -> 2 x (upsample, conv, norm, ReLU) -> conv -> tanh."""
+    """[z, onehot(y)] -> linear -> (c, s/k, s/k) -> upsampling conv blocks -> conv -> tanh.
+
+    small: c = 2w at s/4, two blocks (2w, w). dim: c = w at s/8 (4 x 4 at 28-32 px), three
+    upsampling stages with 2 + 2 + 2 blocks of width w, as DiM's 7 inner convolutions + output.
+    """
 
     def __init__(self, shape: GeneratorShape) -> None:
         super().__init__()
         self.shape = shape
-        w, self.base = shape.width, math.ceil(shape.image_size / 4)
+        w = shape.width
+        if shape.arch == "dim":
+            self.start, self.base = w, math.ceil(shape.image_size / 8)
+            blocks = [
+                *_conv_block(w, w, upsample=True),
+                *_conv_block(w, w),
+                *_conv_block(w, w),
+                *_conv_block(w, w, upsample=True),
+                *_conv_block(w, w),
+                *_conv_block(w, w, upsample=True),
+            ]
+            last = w
+        else:
+            self.start, self.base = 2 * w, math.ceil(shape.image_size / 4)
+            blocks = [*_conv_block(2 * w, 2 * w, upsample=True), *_conv_block(2 * w, w, upsample=True)]
+            last = w
         self.project = nn.Sequential(
-            nn.Linear(shape.noise_dim + shape.num_classes, 2 * w * self.base * self.base), nn.ReLU(inplace=True)
+            nn.Linear(shape.noise_dim + shape.num_classes, self.start * self.base * self.base), nn.ReLU(inplace=True)
         )
-        self.body = nn.Sequential(
-            nn.Upsample(scale_factor=2, mode="nearest"),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1),
-            _norm(2 * w),
-            nn.ReLU(inplace=True),
-            nn.Upsample(scale_factor=2, mode="nearest"),
-            nn.Conv2d(2 * w, w, 3, padding=1),
-            _norm(w),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(w, shape.channels, 3, padding=1),
-            nn.Tanh(),
-        )
+        self.body = nn.Sequential(*blocks, nn.Conv2d(last, shape.channels, 3, padding=1), nn.Tanh())
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         onehot = F.one_hot(labels, self.shape.num_classes).to(z.dtype)
-        h = self.project(torch.cat([z, onehot], 1)).view(-1, 2 * self.shape.width, self.base, self.base)
+        h = self.project(torch.cat([z, onehot], 1)).view(-1, self.start, self.base, self.base)
         x = self.body(h)
         size, extra = self.shape.image_size, x.shape[-1] - self.shape.image_size
         lo = extra // 2
@@ -89,20 +119,35 @@ class ConditionalGenerator(nn.Module):
 
 
 class ACDiscriminator(nn.Module):
-    """conv stack (no normalisation, as WGAN-GP wants) -> critic score and class logits."""
+    """conv stack -> critic score and class logits. No batch statistics (WGAN-GP's penalty is per sample).
+
+    small: 3 convolutions, no normalisation. dim: DiM's 8 convolutions of width w (strides 1, 2, 1,
+    2, 1, 1, 1, 2), each followed by a per-sample layer norm (GroupNorm with one group) and LeakyReLU,
+    then a global max pool.
+    """
 
     def __init__(self, shape: GeneratorShape) -> None:
         super().__init__()
         w = shape.width
-        self.trunk = nn.Sequential(
-            nn.Conv2d(shape.channels, w, 3, padding=1),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(w, 2 * w, 4, stride=2, padding=1),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(2 * w, 4 * w, 4, stride=2, padding=1),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Flatten(),
-        )
+        if shape.arch == "dim":
+            layers: list[nn.Module] = []
+            for i, stride in enumerate((1, 2, 1, 2, 1, 1, 1, 2)):
+                layers += [
+                    nn.Conv2d(shape.channels if i == 0 else w, w, 3, stride=stride, padding=1),
+                    nn.GroupNorm(1, w),
+                    nn.LeakyReLU(0.01, inplace=True),
+                ]
+            self.trunk = nn.Sequential(*layers, nn.AdaptiveMaxPool2d(1), nn.Flatten())
+        else:
+            self.trunk = nn.Sequential(
+                nn.Conv2d(shape.channels, w, 3, padding=1),
+                nn.LeakyReLU(0.2, inplace=True),
+                nn.Conv2d(w, 2 * w, 4, stride=2, padding=1),
+                nn.LeakyReLU(0.2, inplace=True),
+                nn.Conv2d(2 * w, 4 * w, 4, stride=2, padding=1),
+                nn.LeakyReLU(0.2, inplace=True),
+                nn.Flatten(),
+            )
         with torch.no_grad():
             dim = self.trunk(torch.zeros(1, shape.channels, shape.image_size, shape.image_size)).shape[1]
         self.critic = nn.Linear(dim, 1)
@@ -181,21 +226,40 @@ def sample(
     return torch.cat(images).float(), torch.cat(labels)
 
 
+@torch.no_grad()
+def sample_random_labels(
+    generator: ConditionalGenerator, n: int, seed: int, info: DatasetInfo, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` images with uniformly random labels (DiM's evaluation batches), normalised, on CPU."""
+    g = make_generator(seed)
+    labels = torch.randint(generator.shape.num_classes, (n,), generator=g)
+    z = torch.randn(n, generator.shape.noise_dim, generator=g)
+    generator = generator.to(device).eval()
+    return from_unit(generator(z.to(device), labels.to(device)), info).cpu().float(), labels
+
+
 @dataclass
 class GeneratorSampler:
-    """A picklable ``key -> (images, labels)``: a fresh set per key (DiM's protocol draws one per epoch)."""
+    """A picklable ``key -> (images, labels)``: a fresh set per key (DiM's protocol draws one per epoch).
+
+    ``random_labels`` 0: ``counts`` per class; n > 0: n images with uniformly random labels, as DiM.
+    """
 
     shape: GeneratorShape
     state: dict
     info: DatasetInfo
     counts: dict[int, int]
     seed: int
+    random_labels: int = 0
 
     def __call__(self, key: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         if not hasattr(self, "_net"):
             self._net = ConditionalGenerator(self.shape)
             self._net.load_state_dict(self.state)
-        return sample(self._net, self.counts, derive_seed(self.seed, "resample", key), self.info, device)
+        seed = derive_seed(self.seed, "resample", key)
+        if self.random_labels:
+            return sample_random_labels(self._net, self.random_labels, seed, self.info, device)
+        return sample(self._net, self.counts, seed, self.info, device)
 
 
 # ------------------------------------------------------------------ artifact
@@ -206,8 +270,9 @@ def save_generator(
     meta: dict,
     pictures: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     overwrite: bool = False,
+    figures: dict[str, Callable[[Path], None]] | None = None,
 ) -> str:
-    """Write the generator directory atomically (weights, manifest, optional sample grids)."""
+    """Write the generator directory atomically (weights, manifest, sample grids, ``figures[name](path)``)."""
     from safetensors.torch import save_file
 
     from common.visualize import save_grid
@@ -219,6 +284,8 @@ def save_generator(
         save_file(state, str(tmp / WEIGHTS_FILE))
         for name, (images, labels) in (pictures or {}).items():
             save_grid(images, labels, info, tmp / name)
+        for name, draw in (figures or {}).items():
+            draw(tmp / name)
         manifest = {
             "format": GENERATOR_FORMAT,
             "format_version": GENERATOR_VERSION,
