@@ -1,7 +1,8 @@
 """Benchmark the server distillation methods against a federated global model.
 
-    python -m simulations.bench_dkkt --dataset mnist --data-root ../shared/data --clients 10 --alpha 0.5 \\
-        --rounds 2 --ipcs 1,10 --pipcs 10,50 --iterations 100 --runs 3 --quick --out runs/bench-dkkt-mnist
+    python -m simulations.bench_dkkt --dataset cifar10 --data-root ../shared/data --clients 10 --alpha 0.5 \\
+        --rounds 4 --local-epochs 2 --ipcs 1,10 --pipcs 50,10 --iterations 1000 --runs 3 --quick \\
+        --out runs/bench-dkkt-cifar10
 
 Three phases, each resumable (finished cells are kept in ``--out`` and skipped on a rerun):
 
