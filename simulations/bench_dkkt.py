@@ -117,7 +117,13 @@ def federate(args, out: Path) -> Path:
         args.clients,
         echo=lambda line: line.startswith("round ") and print(f"federation {line}", flush=True),
     )
-    print(f"global model after {history[-1]['round']} rounds: {100 * history[-1]['accuracy']:.2f} %")
+    last = history[-1]["round"] if history else 0
+    if last != args.rounds or not meta.exists():
+        raise SystemExit(
+            f"the federation stopped after round {last} of {args.rounds} without a global model; see "
+            f"{out / 'federation' / '.flwr'} for its log, then re-run the same command to resume from its checkpoint"
+        )
+    print(f"global model after {last} rounds: {100 * history[-1]['accuracy']:.2f} %")
     return model_dir
 
 
