@@ -63,3 +63,24 @@ def public_subset_indices(labels: torch.Tensor, num_classes: int, pipc: int | No
         order = torch.randperm(len(members), generator=make_generator(derive_seed("public-subset", seed, c)))
         chosen.append(members[order[:pipc]])
     return torch.sort(torch.cat(chosen)).values
+
+
+def held_out_fold(
+    labels: torch.Tensor, per_class: int, fold: int, seed_key: tuple
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, held-out) positions of ``labels``: per class, fold k of a seeded permutation.
+
+    Each class present is permuted once with ``derive_seed(*seed_key, class)``; fold k holds out
+    positions ``[k * per_class, (k + 1) * per_class)``, so different folds are disjoint. Raises a
+    ConfigError naming the class when a fold would leave it no kept image.
+    """
+    keep, held = [], []
+    for c in labels.unique().tolist():
+        members = torch.nonzero(labels == c, as_tuple=True)[0]
+        lo, hi = fold * per_class, (fold + 1) * per_class
+        if hi >= len(members):
+            raise ConfigError(f"holding out images {lo}..{hi - 1} of class {c} leaves none of its {len(members)}")
+        order = members[torch.randperm(len(members), generator=make_generator(derive_seed(*seed_key, c)))]
+        held.append(order[lo:hi])
+        keep.append(torch.cat([order[:lo], order[hi:]]))
+    return torch.sort(torch.cat(keep)).values, torch.sort(torch.cat(held)).values

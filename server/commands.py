@@ -267,12 +267,12 @@ def evaluate_dim_protocol(generator, info, meta, counts, args, out: Path) -> lis
 
     from common.artifacts import update_manifest
     from common.datasets import load_dataset
-    from common.evaluation import DIM_PROTOCOL, dim_images_per_epoch, evaluate_resampled
+    from common.evaluation import DIM_PROTOCOL, evaluate_resampled
     from server.methods.gan import GeneratorSampler
 
     data = load_dataset(meta.get("dataset_spec") or info.name, data_root=args.data_root, download=args.download)
-    per_epoch = dim_images_per_epoch(sum(counts.values()), DIM_PROTOCOL.batch_size)
-    sampler = GeneratorSampler(generator.shape, generator.cpu().state_dict(), info, counts, args.seed, per_epoch)
+    sampler = GeneratorSampler.for_dim_protocol(generator, info, counts, args.seed)
+    per_epoch = sampler.random_labels
     protocol = replace(DIM_PROTOCOL, epochs=args.epochs or DIM_PROTOCOL.epochs)
     results = []
     for arch in [a.strip() for a in args.models.split(",") if a.strip()]:

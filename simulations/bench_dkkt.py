@@ -35,10 +35,12 @@ import torch
 
 from common.commands import eval_config_from_args
 from common.datasets import Split, load_dataset
+from common.errors import ConfigError
 from common.evaluation import evaluate_set
 from common.fileio import atomic_write_bytes, atomic_write_json
 from common.report import Cells, format_accuracy, markdown_table
-from common.runtime import derive_seed, make_generator, peak_memory_mib, resolve_device
+from common.runtime import peak_memory_mib, resolve_device
+from common.subsets import held_out_fold
 from server.federation.rounds import RoundPlan, method_options
 from server.methods.dkkt import lambda_from_weight_decay
 from server.methods.registry import distill, make_task, parse_options
@@ -151,23 +153,14 @@ def validation_split(task, per_class: int, seed: int, fold: int = 0):
     Each class is permuted once (seeded); fold k holds out positions ``[k * per_class, (k + 1) * per_class)``,
     so the folds' held-out images are disjoint.
     """
-    keep, held = [], []
-    for c in task.counts:
-        members = task.real_of_class(c)
-        order = members[torch.randperm(len(members), generator=make_generator(derive_seed("val", seed, c)))]
-        lo, hi = fold * per_class, (fold + 1) * per_class
-        if hi >= len(order):
-            raise SystemExit(
-                f"fold {fold} needs {hi} + 1 public images of class {c}, it has {len(order)}: "
-                "lower --val-per-class or --val-folds, or raise --sweep-pipc"
-            )
-        held.append(order[lo:hi])
-        keep.append(torch.cat([order[:lo], order[hi:]]))
-    keep, held = torch.sort(torch.cat(keep)).values, torch.sort(torch.cat(held)).values
+    try:
+        keep, held = held_out_fold(task.real.labels, per_class, fold, ("val", seed))
+    except ConfigError as exc:
+        raise SystemExit(f"fold {fold}: {exc}; lower --val-per-class or --val-folds, or raise --sweep-pipc") from None
     trimmed = replace(
         task, real=task.real.subset(keep), real_indices=task.real_indices[keep], pipc=task.pipc - per_class
     )
-    return trimmed, Split(task.real.images[held], task.real.labels[held])
+    return trimmed, task.real.subset(held)
 
 
 def score_candidates(sweep_cells: list[dict], ipc: int) -> list[dict]:

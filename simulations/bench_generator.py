@@ -27,10 +27,10 @@ import torch
 from common.checkpoint import identity_options, load_checkpoint, save_checkpoint
 from common.commands import eval_config_from_args
 from common.datasets import load_dataset
-from common.evaluation import DIM_PROTOCOL, dim_images_per_epoch, evaluate_resampled, evaluate_set
+from common.evaluation import DIM_PROTOCOL, evaluate_resampled, evaluate_set
 from common.fileio import atomic_write_json
 from common.report import Cells, format_accuracy, markdown_table
-from common.runtime import derive_seed, make_generator, peak_memory_mib, resolve_device
+from common.runtime import peak_memory_mib, resolve_device
 from server.methods.gan import GeneratorSampler, load_generator, sample, save_generator
 from server.methods.generator import (
     NON_IDENTITY_OPTIONS,
@@ -39,7 +39,7 @@ from server.methods.generator import (
     save_terms_plot,
     train_generator,
 )
-from server.methods.registry import coerce_option, make_task
+from server.methods.registry import coerce_option, distill, make_task
 
 VARIANTS = {"cgan": {"w_global": 0.0, "w_local": 0.0}, "logit": {"w_local": 0.0}, "global+local": {}}
 
@@ -122,16 +122,6 @@ def variant_generator(task, config: GeneratorConfig, name: str, start: dict, out
     return load_generator(where)
 
 
-def random_real(data, ipc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ipc`` random training images per class (seeded): the reference every generator must beat."""
-    picks = []
-    for c, members in enumerate(data.train.class_indices(data.info.num_classes)):
-        order = torch.randperm(len(members), generator=make_generator(derive_seed(seed, "random-real", c)))
-        picks.append(members[order[:ipc]])
-    chosen = torch.cat(picks)
-    return data.train.images[chosen], data.train.labels[chosen]
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
@@ -167,7 +157,9 @@ def main(argv=None) -> int:
         info = data.info
         counts = dict.fromkeys(range(info.num_classes), ipc)
         if variant == "random real":
-            images, labels = random_real(data, ipc, args.seed)
+            # the registry's random coreset from the whole training split: the README's "random" rows
+            reference = distill("random", make_task(data, ipc, "all", seed=args.seed, progress=False))
+            images, labels = reference.images, reference.labels
             result = evaluate_set(
                 images, labels, data.test, info, arch, args.runs, protocol, args.seed, device, progress=False
             )
@@ -179,8 +171,7 @@ def main(argv=None) -> int:
             )
         else:
             gen = generators[variant][0]
-            per_epoch = dim_images_per_epoch(sum(counts.values()), dim_protocol.batch_size)
-            sampler = GeneratorSampler(gen.shape, gen.cpu().state_dict(), info, counts, args.seed, per_epoch)
+            sampler = GeneratorSampler.for_dim_protocol(gen, info, counts, args.seed)
             result = evaluate_resampled(
                 sampler, data.test, info, arch, args.runs, dim_protocol, args.seed, device, progress=False
             )

@@ -60,9 +60,8 @@ class GeneratorShape:
         cls, info: DatasetInfo, noise_dim: int = 100, width: int = 0, arch: str = "small"
     ) -> GeneratorShape:
         """The shape for a dataset; ``width`` 0 takes the arch's default (small 64, dim 196)."""
-        if arch not in ARCH_WIDTHS:
-            raise ConfigError(f"generator arch {arch!r} is unknown; use {' or '.join(ARCH_WIDTHS)}")
-        return cls(info.channels, info.image_size, info.num_classes, noise_dim, width or ARCH_WIDTHS[arch], arch)
+        width = width or ARCH_WIDTHS.get(arch, 1)  # an unknown arch is refused by __post_init__
+        return cls(info.channels, info.image_size, info.num_classes, noise_dim, width, arch)
 
 
 ARCH_WIDTHS = {"small": 64, "dim": 196}
@@ -251,6 +250,16 @@ class GeneratorSampler:
     counts: dict[int, int]
     seed: int
     random_labels: int = 0
+
+    @classmethod
+    def for_dim_protocol(
+        cls, generator: ConditionalGenerator, info: DatasetInfo, counts: dict[int, int], seed: int
+    ) -> GeneratorSampler:
+        """DiM's epoch: ``sum(counts) // 64 + 1`` batches of 64 random-label samples per key."""
+        from common.evaluation import DIM_PROTOCOL, dim_images_per_epoch
+
+        per_epoch = dim_images_per_epoch(sum(counts.values()), DIM_PROTOCOL.batch_size)
+        return cls(generator.shape, generator.cpu().state_dict(), info, counts, seed, per_epoch)
 
     def __call__(self, key: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         if not hasattr(self, "_net"):

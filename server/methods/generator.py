@@ -47,9 +47,10 @@ from tqdm.auto import tqdm
 from common.augment import DSA, strategy_for_dataset
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.datasets import Split
-from common.errors import Cancelled, ConfigError
+from common.errors import ConfigError
 from common.models import build_model, list_models
 from common.runtime import derive_seed, make_generator
+from common.subsets import held_out_fold
 from server.methods.gan import (
     ARCH_WIDTHS,
     ACDiscriminator,
@@ -265,18 +266,10 @@ def matching_losses(
 
 def hold_out(real: Split, per_class: int, seed: int) -> tuple[Split, Split]:
     """(training images, ``per_class`` held-out images per class), split with a seeded permutation."""
-    keep, held = [], []
-    for c in real.labels.unique().tolist():
-        members = torch.nonzero(real.labels == c, as_tuple=True)[0]
-        if len(members) <= per_class:
-            raise ConfigError(
-                f"select_per_class {per_class} leaves no training image of class {c} ({len(members)} images); "
-                "lower select_per_class or raise --pipc"
-            )
-        order = members[torch.randperm(len(members), generator=make_generator(derive_seed(seed, "select", c)))]
-        held.append(order[:per_class])
-        keep.append(order[per_class:])
-    keep, held = torch.sort(torch.cat(keep)).values, torch.sort(torch.cat(held)).values
+    try:
+        keep, held = held_out_fold(real.labels, per_class, 0, (seed, "select"))
+    except ConfigError as exc:
+        raise ConfigError(f"select_per_class {per_class}: {exc}; lower select_per_class or raise --pipc") from None
     return real.subset(keep), real.subset(held)
 
 
@@ -505,15 +498,6 @@ class GeneratorTrainer:
         self.seconds, self.stage1_grid = list(state["seconds"]), state["stage1_grid"]
 
 
-def _report_progress(task: DistillTask, trainer: GeneratorTrainer) -> None:
-    """The service's progress hook at every loss-curve point; False from it cancels the run."""
-    if task.on_progress is None or trainer.step % trainer.config.log_every:
-        return
-    last = trainer.curves.get("g_total", [[0, 0.0]])[-1][1]
-    if task.on_progress(trainer.step, trainer.total_steps, last) is False:
-        raise Cancelled(f"generator cancelled after {trainer.step} of {trainer.total_steps} steps")
-
-
 def train_generator(
     task: DistillTask,
     config: GeneratorConfig,
@@ -571,7 +555,10 @@ def train_generator(
                 selector.consider(trainer, stage)
             if ckpt is not None and config.checkpoint_every and trainer.step % config.checkpoint_every == 0:
                 save_checkpoint(ckpt, {**identity, **trainer.state_dict()})
-            _report_progress(task, trainer)
+            if trainer.step % config.log_every == 0:
+                task.report_progress(
+                    trainer.step, trainer.total_steps, trainer.curves["g_total"][-1][1], "generator", "steps"
+                )
             if on_step is not None:
                 on_step(trainer.step)
         bar.close()

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from common.checkpoint import load_checkpoint, save_checkpoint
-from common.errors import Cancelled, ConfigError
+from common.errors import ConfigError
 from server.methods.registry import DistillTask
 
 
@@ -148,9 +148,8 @@ def optimise_pixels(
             bar.set_postfix({name: f"{pts[-1][1]:.4g}" for name, pts in term_curves.items()}, refresh=False)
         if settings.checkpoint_every and (t + 1) % settings.checkpoint_every == 0 and t + 1 < settings.iterations:
             checkpoint(t + 1)
-        at_curve_point = not window
-        if at_curve_point and task.on_progress and task.on_progress(t + 1, settings.iterations, curve[-1][1]) is False:
-            raise Cancelled(f"{label} cancelled after {t + 1} of {settings.iterations} iterations")
+        if not window:  # at a loss-curve point
+            task.report_progress(t + 1, settings.iterations, curve[-1][1], label)
         if on_iteration is not None:
             on_iteration(t, loss)
     bar.close()

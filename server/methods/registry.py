@@ -20,7 +20,7 @@ from common.artifacts import DistilledSet
 from common.checkpoint import identity_options
 from common.config import from_text
 from common.datasets import Dataset, DatasetInfo, Split
-from common.errors import ConfigError
+from common.errors import Cancelled, ConfigError
 from common.registry import Registry
 from common.subsets import parse_counts, parse_pipc, public_subset_indices
 
@@ -45,6 +45,11 @@ class DistillTask:
 
     def real_of_class(self, c: int) -> torch.Tensor:
         return torch.nonzero(self.real.labels == c, as_tuple=True)[0]
+
+    def report_progress(self, done: int, total: int, loss: float, what: str, unit: str = "iterations") -> None:
+        """Call ``on_progress`` (if any); its False cancels the run with :class:`Cancelled`."""
+        if self.on_progress is not None and self.on_progress(done, total, loss) is False:
+            raise Cancelled(f"{what} cancelled after {done} of {total} {unit}")
 
 
 def job_identity(

@@ -86,16 +86,21 @@ def _phase(job: dict) -> str:
     return "done"
 
 
-def _abort(context: grpc.ServicerContext, exc: Exception):
-    if isinstance(exc, RequestError):
-        code = getattr(grpc.StatusCode, exc.code)
-    elif isinstance(exc, JobNotFound):
-        code = grpc.StatusCode.NOT_FOUND
-    elif isinstance(exc, JobStateError):
-        code = grpc.StatusCode.FAILED_PRECONDITION
-    else:
-        code = grpc.StatusCode.INVALID_ARGUMENT
-    context.abort(code, str(exc))
+@contextmanager
+def _status_on_error(context: grpc.ServicerContext):
+    """An EdgeDistillError raised inside ends the RPC with its gRPC status and one-line message."""
+    try:
+        yield
+    except EdgeDistillError as exc:
+        if isinstance(exc, RequestError):
+            code = getattr(grpc.StatusCode, exc.code)
+        elif isinstance(exc, JobNotFound):
+            code = grpc.StatusCode.NOT_FOUND
+        elif isinstance(exc, JobStateError):
+            code = grpc.StatusCode.FAILED_PRECONDITION
+        else:
+            code = grpc.StatusCode.INVALID_ARGUMENT
+        context.abort(code, str(exc))
 
 
 class WatchHub:
@@ -155,34 +160,26 @@ class DistillService(pb_grpc.DistillServiceServicer):
         self.watchers = WatchHub(self.store)
 
     def SubmitJob(self, request, context):
-        try:
+        with _status_on_error(context):
             normalised = validate_request(request_to_dict(request), self.data_root, self.layout.models)
-        except EdgeDistillError as exc:
-            _abort(context, exc)
         return job_to_message(self.store.submit(normalised, priority=normalised["priority"]))
 
     def GetJob(self, request, context):
-        try:
+        with _status_on_error(context):
             return job_to_message(self.store.get(request.id))
-        except EdgeDistillError as exc:
-            _abort(context, exc)
 
     def ListJobs(self, request, context):
         size = request.page_size or 50
         if not 1 <= size <= MAX_PAGE_SIZE:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"page_size must be 1..{MAX_PAGE_SIZE} (0: 50)")
         state = pb.JobState.Name(request.state) if request.state else None
-        try:
+        with _status_on_error(context):
             jobs, token = self.store.list(state, size, request.page_token)
-        except EdgeDistillError as exc:
-            _abort(context, exc)
         return pb.ListJobsResponse(jobs=[job_to_message(j) for j in jobs], next_page_token=token)
 
     def WatchJob(self, request, context):
-        try:
+        with _status_on_error(context):
             job = self.store.get(request.id)
-        except EdgeDistillError as exc:
-            _abort(context, exc)
         last, first_seen = None, None
         with self.watchers.watching(request.id) as next_snapshot:
             while context.is_active():
@@ -217,23 +214,17 @@ class DistillService(pb_grpc.DistillServiceServicer):
         )
 
     def CancelJob(self, request, context):
-        try:
+        with _status_on_error(context):
             return job_to_message(self.store.cancel(request.id))
-        except EdgeDistillError as exc:
-            _abort(context, exc)
 
     def UploadModel(self, request_iterator, context):
-        try:
+        with _status_on_error(context):
             ref = receive_model(request_iterator, self.layout.models, self.max_upload_bytes)
-        except EdgeDistillError as exc:
-            _abort(context, exc)
         return pb.ModelRef(**ref)
 
     def DownloadArtifact(self, request, context):
-        try:
+        with _status_on_error(context):
             job = self.store.get(request.id)
-        except EdgeDistillError as exc:
-            _abort(context, exc)
         if job["state"] != SUCCEEDED:
             context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
