@@ -257,3 +257,39 @@ def test_kkt_batch_rescales_the_multipliers_to_the_whole_set(digits, digits_mode
     for batch in (3, 4, 6):
         sub = float(DKKTLoss(task, replace(options, kkt_batch=batch), labels).loss(syn, 0))
         assert sub == pytest.approx(full, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"), [("warmup", [0.5, 1.0, 1.5, 2.0, 2.0]), ("decay", [2.0, 2.0, 1.5, 1.0, 0.5])]
+)
+def test_the_w_kkt_schedule_ramps_over_its_share_of_the_run(kind, expected):
+    from server.methods.dkkt import WeightSchedule
+
+    schedule = WeightSchedule(2.0, kind, ramp=0.8, iterations=5)
+    assert [schedule.at(t) for t in range(5)] == pytest.approx(expected)
+    with pytest.raises(ConfigError, match="constant, warmup or decay"):
+        WeightSchedule(1.0, "cosine")
+
+
+def test_a_warmup_schedule_scales_the_dkkt_term_of_the_run(digits, digits_model):
+    task = make_task(digits, 1, pipc=10, seed=3, progress=False)
+    options = dict(iterations=4, batch_real=8, log_every=1, w_kkt=10.0, global_model=str(digits_model))
+    constant = distill("dm+dkkt", task, options)
+    warmup = distill("dm+dkkt", task, {**options, "w_kkt_schedule": "warmup", "w_kkt_ramp": 1.0})
+    first_constant = constant.manifest["loss_terms"]["dkkt"][0][1]
+    assert warmup.manifest["loss_terms"]["dkkt"][0][1] == pytest.approx(first_constant / 4, rel=1e-5)  # weight 10/4
+    assert constant.manifest["loss_terms"]["dm"][0] == warmup.manifest["loss_terms"]["dm"][0]
+    assert not torch.equal(constant.images, warmup.images)
+
+
+def test_dsv_initialised_dm_starts_from_the_dsv_images(digits, digits_model):
+    task = make_task(digits, 1, pipc=10, seed=6, progress=False)
+    model = str(digits_model)
+    dsv = distill("dsv", task, {"iterations": 5, "lr_img": 0.05, "global_model": model})
+    start = distill(
+        "dm+dkkt", task, {"iterations": 0, "init_dsv_iterations": 5, "init_dsv_lr": 0.05, "global_model": model}
+    )
+    assert torch.equal(start.images, dsv.images)
+    assert start.manifest["dsv_init"]["iterations"] == 5
+    plain = distill("dm+dkkt", task, {"iterations": 0, "global_model": model})
+    assert not torch.equal(plain.images, dsv.images)

@@ -123,6 +123,31 @@ def primal_loss(logits: torch.Tensor, ce: torch.Tensor, y: torch.Tensor) -> tupl
     return (ce * wrong).sum() / len(y), 1 - wrong.mean()
 
 
+@dataclass(frozen=True)
+class WeightSchedule:
+    """w_kkt over the run (ours, for the ablation): ``constant``; ``warmup`` rises linearly from 0 over the first
+    ``ramp`` share of the iterations; ``decay`` falls linearly to 0 over the last ``ramp`` share."""
+
+    weight: float = 1.0
+    kind: str = "constant"  # constant | warmup | decay
+    ramp: float = 0.5
+    iterations: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("constant", "warmup", "decay"):
+            raise ConfigError(f"w_kkt_schedule {self.kind!r}: use constant, warmup or decay")
+        if not 0 < self.ramp <= 1:
+            raise ConfigError(f"w_kkt_ramp {self.ramp}: use a share of the iterations in (0, 1]")
+
+    def at(self, iteration: int) -> float:
+        if self.kind == "constant":
+            return self.weight
+        span = max(1.0, self.ramp * self.iterations)
+        if self.kind == "warmup":
+            return self.weight * min(1.0, (iteration + 1) / span)
+        return self.weight * min(1.0, max(0.0, (self.iterations - iteration) / span))
+
+
 def total_variation(x: torch.Tensor) -> torch.Tensor:
     return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
 
@@ -132,8 +157,15 @@ class DKKTLoss:
 
     name = "dkkt"
 
-    def __init__(self, task: DistillTask, options: DKKTOptions, labels: torch.Tensor, weight: float = 1.0) -> None:
-        self.task, self.options, self.weight = task, options, weight
+    def __init__(
+        self,
+        task: DistillTask,
+        options: DKKTOptions,
+        labels: torch.Tensor,
+        weight: float | WeightSchedule = 1.0,
+    ) -> None:
+        self.task, self.options = task, options
+        self.schedule = weight if isinstance(weight, WeightSchedule) else WeightSchedule(weight)
         self.model, self.meta = load_global_model(options.global_model, task.info, task.device)
         self.params = [p for _, p in select_parameters(self.model, options.kkt_params)]
         for p in self.model.parameters():
@@ -175,7 +207,7 @@ class DKKTLoss:
 
     def backward(self, syn: torch.Tensor, iteration: int) -> float:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.weight * self.loss(syn, iteration)
+        loss = self.schedule.at(iteration) * self.loss(syn, iteration)
         loss.backward(inputs=[syn, self.lam])
         return float(loss.detach())
 

@@ -12,7 +12,8 @@ All take ``--global-model DIR`` (the federated server's global model or any save
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from common.datasets import load_dataset
 from common.errors import ConfigError
 from common.runtime import derive_seed, make_generator
-from server.methods.dkkt import DKKTLoss, DKKTOptions
+from server.methods.dkkt import DKKTLoss, DKKTOptions, WeightSchedule
 from server.methods.dm import DMConfig, DMLoss, dm_optimizer, initial_images, job_identity, loop_settings, run_dm
 from server.methods.pixel_loop import optimise_pixels
 from server.methods.registry import DistillTask, MethodOutput, register_method
@@ -46,11 +47,19 @@ class DSVConfig(DKKTOptions):
 @dataclass(frozen=True)
 class DMDKKTConfig(DMConfig, DKKTOptions):
     w_kkt: float = 1.0  # weight of L_DKKT against L_DM (0: plain DM)
+    w_kkt_schedule: str = "constant"  # constant | warmup | decay (ours, for the ablation)
+    w_kkt_ramp: float = 0.5  # share of the iterations the warm-up / decay ramp spans
+    init_dsv_iterations: int = 0  # > 0: start from a DSV run (Adam, init_dsv_lr) on the public init (ours)
+    init_dsv_lr: float = 0.01
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.w_kkt < 0:
-            raise ConfigError("w_kkt must be >= 0")
+        if self.w_kkt < 0 or self.init_dsv_iterations < 0 or self.init_dsv_lr <= 0:
+            raise ConfigError("w_kkt and init_dsv_iterations must be >= 0 and init_dsv_lr > 0")
+        self.weight_schedule()  # checks the schedule's name and ramp
+
+    def weight_schedule(self) -> WeightSchedule:
+        return WeightSchedule(self.w_kkt, self.w_kkt_schedule, self.w_kkt_ramp, self.iterations)
 
 
 @dataclass(frozen=True)
@@ -111,14 +120,26 @@ def distill_dsv(task: DistillTask, config: DSVConfig) -> MethodOutput:
     return run_dsv(task, config)
 
 
+def dsv_start(task: DistillTask, config: DMDKKTConfig) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
+    """dm+dkkt's initial images: the public init, or (``init_dsv_iterations``) a DSV run from it."""
+    images, labels = initial_images(task, config.init)
+    if not config.init_dsv_iterations:
+        return images, labels, None
+    dsv = _pick(config, DSVConfig, iterations=config.init_dsv_iterations, lr_img=config.init_dsv_lr, init="real")
+    if config.resume and not (task.workdir and (Path(task.workdir) / "dsv-checkpoint.pt").exists()):
+        dsv = replace(dsv, resume=False)  # a run shorter than one checkpoint interval leaves none: redo it
+    out = run_dsv(task, dsv, images, labels)
+    return out.images, labels, {k: v for k, v in out.extra.items() if k != "loss_curve"}
+
+
 def run_dm_dkkt(task: DistillTask, config: DMDKKTConfig, on_iteration=None) -> MethodOutput:
     config.check("dm+dkkt")
-    images, labels = initial_images(task, config.init)
+    images, labels, dsv_summary = dsv_start(task, config)
     dm = DMLoss(task, config)
     terms = [dm]
     dkkt = None
     if config.w_kkt > 0:
-        dkkt = DKKTLoss(task, config, labels, weight=config.w_kkt)
+        dkkt = DKKTLoss(task, config, labels, weight=config.weight_schedule())
         terms.append(dkkt)
     syn, extra = optimise_pixels(
         task,
@@ -133,6 +154,8 @@ def run_dm_dkkt(task: DistillTask, config: DMDKKTConfig, on_iteration=None) -> M
     extra["real_images_used_this_run"] = int(dm.used.sum())
     if dkkt is not None:
         extra.update(dkkt.summary())
+    if dsv_summary is not None:
+        extra["dsv_init"] = dsv_summary
     return MethodOutput(syn, labels, extra)
 
 
