@@ -15,7 +15,7 @@ Three phases, each resumable (finished cells are kept in ``--out`` and skipped o
    sees the rest. Every ``--candidates`` recipe is distilled per fold and scored on that fold's
    held-out images; a candidate's score is its mean over folds x ``--sweep-runs``, its spread the
    std of the per-fold means. The best mean wins (ties: the earlier candidate); the report says
-   by how much it leads DM (w_kkt 0) and the runner-up, in units of their pooled standard error.
+   by how much it leads DM (w_kkt 0) and the runner-up, in standard errors of the gap paired over folds.
 3. **table**: random / herding / dm / dsv / dm+dkkt / dsv-dm-avg for every ipc x pipc, with
    dm+dkkt at the recipe the validation chose for the nearest swept ipc (``dm+dkkt@1``: the
    default recipe at w_kkt 1, for reference), tested on the real test split.
@@ -183,6 +183,7 @@ def score_candidates(sweep_cells: list[dict], ipc: int) -> list[dict]:
                 "mean": sum(accuracies) / len(accuracies),
                 "std": std,
                 "sem": std / len(fold_means) ** 0.5,
+                "fold_means": {c["fold"]: c["mean"] for c in cells},
                 "order": cells[0].get("order", 0),
             }
         )
@@ -192,17 +193,24 @@ def score_candidates(sweep_cells: list[dict], ipc: int) -> list[dict]:
 def choose(scores: list[dict]) -> dict:
     """The validation-best candidate (ties: the earlier one), with its lead over DM and the runner-up.
 
-    A lead is reported in units of the pooled standard error sqrt(sem_a^2 + sem_b^2): above 1 the
-    folds separate the two candidates, below it the choice is a coin toss the table should not trust.
+    A lead is reported in standard errors of the gap. Both candidates ran on the same folds, whose
+    difficulty differs by more than the candidates do, so the gap is paired: its SE is the std of the
+    per-fold gaps over sqrt(folds) (with one shared fold, the pooled sqrt(sem_a^2 + sem_b^2)). Above 1
+    the folds separate the two candidates; below it the choice is a coin toss the table should not trust.
     """
     best = max(scores, key=lambda s: (round(s["mean"], 6), -s["order"]))
 
     def lead(other: dict | None) -> dict | None:
         if other is None:
             return None
-        pooled = (best["sem"] ** 2 + other["sem"] ** 2) ** 0.5
         gap = best["mean"] - other["mean"]
-        return {"candidate": other["candidate"], "gap": gap, "in_sem": gap / pooled if pooled else float("inf")}
+        shared = sorted(set(best["fold_means"]) & set(other["fold_means"]))
+        if len(shared) > 1:
+            gaps = torch.tensor([best["fold_means"][f] - other["fold_means"][f] for f in shared], dtype=torch.float64)
+            se = gaps.std().item() / len(shared) ** 0.5
+        else:
+            se = (best["sem"] ** 2 + other["sem"] ** 2) ** 0.5
+        return {"candidate": other["candidate"], "gap": gap, "in_sem": gap / se if se else float("inf")}
 
     dm = next((s for s in scores if s["options"].get("w_kkt") == 0 and s is not best), None)
     rest = [s for s in scores if s is not best]

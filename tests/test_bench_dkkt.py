@@ -65,10 +65,18 @@ def test_choice_is_the_best_mean_over_folds_with_its_lead_in_standard_errors():
     chosen = choose(scores)
     assert chosen["candidate"] == "w1"
     lead = chosen["lead_over_dm"]
-    pooled = (scores[0]["sem"] ** 2 + w1["sem"] ** 2) ** 0.5
+    paired_se = 0.01 / 2**0.5 / 2**0.5  # per-fold gaps 0.04 and 0.05: std 0.01 / sqrt(2), over sqrt(2 folds)
     assert lead["candidate"] == "dm" and lead["gap"] == pytest.approx(0.045)
-    assert lead["in_sem"] == pytest.approx(0.045 / pooled) and lead["in_sem"] > 1
+    assert lead["in_sem"] == pytest.approx(0.045 / paired_se)
     assert chosen["lead_over_runner_up"]["candidate"] == "dm"
+    # a hard fold lowers both candidates alike: the paired gap sees through it, the pooled SE would not
+    shifted = [cell("dm", 0, [0.60], 0, 0.0), cell("dm", 1, [0.80], 0, 0.0)]
+    shifted += [cell("w1", 0, [0.62], 1, 1.0), cell("w1", 1, [0.83], 1, 1.0)]
+    scores = score_candidates(shifted, 10)
+    lead = choose(scores)["lead_over_dm"]
+    pooled = (scores[0]["sem"] ** 2 + scores[1]["sem"] ** 2) ** 0.5
+    assert lead["in_sem"] == pytest.approx(0.025 / (0.01 / 2**0.5 / 2**0.5)) and lead["in_sem"] > 3
+    assert 0.025 / pooled < 0.3
     # a tie goes to the earlier candidate (DM before any DKKT recipe)
     tie = choose(score_candidates([cell("dm", 0, [0.8], 0, 0.0), cell("w1", 0, [0.8], 1, 1.0)], 10))
     assert tie["candidate"] == "dm" and tie["lead_over_dm"] is None
