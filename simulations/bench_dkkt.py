@@ -43,7 +43,7 @@ from common.runtime import peak_memory_mib, resolve_device
 from common.subsets import held_out_fold
 from server.federation.rounds import RoundPlan, method_options
 from server.methods.dkkt import lambda_from_weight_decay
-from server.methods.registry import distill, make_task, parse_options
+from server.methods.registry import distill, make_task, option_names, parse_options
 
 METHODS = "random,herding,dm,dsv,dm+dkkt,dm+dkkt@1,dsv-dm-avg"
 # The published DKKT recipe (one augmented copy, weight 5) and the un-augmented one, at two weights.
@@ -292,7 +292,9 @@ def main(argv=None) -> int:
     budget = RoundPlan(method="dm+dkkt", iterations=args.iterations, time_limit=0.0, seed=args.seed)
 
     def options_for(method: str, **more) -> dict:
-        return {**method_options(replace(budget, method=method, options=extra), global_model), **more}
+        # a candidate is the whole recipe: no dataset-validated DKKT settings under it
+        pinned = {"recipe": "published"} if "recipe" in option_names(method) else {}
+        return {**pinned, **method_options(replace(budget, method=method, options=extra), global_model), **more}
 
     if args.report:
         sweep, candidates = Cells(out / "sweep.json"), parse_candidates(args.candidates)

@@ -287,9 +287,35 @@ def test_dsv_initialised_dm_starts_from_the_dsv_images(digits, digits_model):
     model = str(digits_model)
     dsv = distill("dsv", task, {"iterations": 5, "lr_img": 0.05, "global_model": model})
     start = distill(
-        "dm+dkkt", task, {"iterations": 0, "init_dsv_iterations": 5, "init_dsv_lr": 0.05, "global_model": model}
+        "dm+dkkt",
+        task,
+        {"iterations": 0, "init_dsv_iterations": 5, "init_dsv_lr": 0.05, "recipe": "published", "global_model": model},
     )
     assert torch.equal(start.images, dsv.images)
     assert start.manifest["dsv_init"]["iterations"] == 5
     plain = distill("dm+dkkt", task, {"iterations": 0, "global_model": model})
     assert not torch.equal(plain.images, dsv.images)
+
+
+def test_dm_dkkt_starts_from_the_datasets_validated_recipe_and_the_caller_wins(digits, digits_model):
+    from server.methods.recipes import VALIDATED, apply_recipe
+
+    task = make_task(digits, 1, pipc=10, seed=2, progress=False)
+    base = {"iterations": 3, "batch_real": 8, "global_model": str(digits_model)}
+    validated = distill("dm+dkkt", task, base)
+    recipe = VALIDATED["digits"].options
+    assert {k: validated.manifest["options"][k] for k in recipe} == recipe
+    assert validated.manifest["recipe"]["recipe"] == "validated" and validated.manifest["recipe"]["command"]
+    published = distill("dm+dkkt", task, {**base, "recipe": "published"})
+    assert published.manifest["options"]["kkt_aug_weight"] == 5.0 and published.manifest["options"]["w_kkt"] == 1.0
+    assert published.manifest["recipe"] == {"recipe": "published", "why": "asked for"}
+    assert not torch.equal(validated.images, published.images)
+    mine = distill("dm+dkkt", task, {**base, "w_kkt": 0.5})
+    assert mine.manifest["options"]["w_kkt"] == 0.5 and mine.manifest["options"]["kkt_clean_term"] is True
+    assert mine.manifest["recipe"]["overridden_by_caller"] == ["w_kkt"]
+    assert apply_recipe("npz-of-my-own", {"w_kkt": 2.0}) == (
+        {"w_kkt": 2.0},
+        {"recipe": "published", "why": "no validated recipe for 'npz-of-my-own'"},
+    )
+    with pytest.raises(ConfigError, match="use validated"):
+        distill("dm+dkkt", task, {**base, "recipe": "best"})

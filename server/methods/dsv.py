@@ -24,6 +24,7 @@ from common.runtime import derive_seed, make_generator
 from server.methods.dkkt import DKKTLoss, DKKTOptions, WeightSchedule
 from server.methods.dm import DMConfig, DMLoss, dm_optimizer, initial_images, job_identity, loop_settings, run_dm
 from server.methods.pixel_loop import optimise_pixels
+from server.methods.recipes import RECIPE_CHOICES, apply_recipe
 from server.methods.registry import DistillTask, MethodOutput, register_method
 
 
@@ -51,9 +52,12 @@ class DMDKKTConfig(DMConfig, DKKTOptions):
     w_kkt_ramp: float = 0.5  # share of the iterations the warm-up / decay ramp spans
     init_dsv_iterations: int = 0  # > 0: start from a DSV run (Adam, init_dsv_lr) on the public init (ours)
     init_dsv_lr: float = 0.01
+    recipe: str = "validated"  # validated: the dataset's validated DKKT settings under these options | published
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.recipe not in RECIPE_CHOICES:
+            raise ConfigError(f"recipe {self.recipe!r}: use validated or published")
         if self.w_kkt < 0 or self.init_dsv_iterations < 0 or self.init_dsv_lr <= 0:
             raise ConfigError("w_kkt and init_dsv_iterations must be >= 0 and init_dsv_lr > 0")
         self.weight_schedule()  # checks the schedule's name and ramp
@@ -159,7 +163,12 @@ def run_dm_dkkt(task: DistillTask, config: DMDKKTConfig, on_iteration=None) -> M
     return MethodOutput(syn, labels, extra)
 
 
-@register_method("dm+dkkt", DMDKKTConfig, "DM on the public subset plus w_kkt x DKKT against the global model")
+@register_method(
+    "dm+dkkt",
+    DMDKKTConfig,
+    "DM on the public subset plus w_kkt x DKKT against the global model",
+    presets=apply_recipe,
+)
 def distill_dm_dkkt(task: DistillTask, config: DMDKKTConfig) -> MethodOutput:
     return run_dm_dkkt(task, config)
 

@@ -86,22 +86,31 @@ class MethodSpec:
     config_cls: type
     description: str
     quick: dict[str, Any] = field(default_factory=dict)  # option overrides of the --quick smoke preset
+    # (dataset name, caller's options) -> (options with dataset-specific defaults under them, manifest record)
+    presets: Callable[[str, dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]] | None = None
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
 
 
-def register_method(name: str, config_cls: type, description: str = "", quick: dict[str, Any] | None = None):
+def register_method(
+    name: str,
+    config_cls: type,
+    description: str = "",
+    quick: dict[str, Any] | None = None,
+    presets: Callable[[str, dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]] | None = None,
+):
     """Decorator registering ``run(task, config) -> MethodOutput`` under ``name``.
 
-    ``quick`` holds the option overrides of the method's smoke-run preset (``distill --quick``).
+    ``quick`` holds the option overrides of the method's smoke-run preset (``distill --quick``);
+    ``presets`` puts dataset-specific defaults under the caller's options (e.g. a validated recipe).
     """
     if not dataclasses.is_dataclass(config_cls):
         raise TypeError("a method's config must be a dataclass")
 
     def decorator(run: Callable[[DistillTask, Any], MethodOutput]):
         doc = description or (run.__doc__ or "").strip().splitlines()[0]
-        METHODS.register(name)(MethodSpec(name, run, config_cls, doc, dict(quick or {})))
+        METHODS.register(name)(MethodSpec(name, run, config_cls, doc, dict(quick or {}), presets))
         return run
 
     return decorator
@@ -190,7 +199,14 @@ def make_task(
 def distill(name: str, task: DistillTask, options: dict[str, Any] | Any = None) -> DistilledSet:
     """Run method ``name`` on ``task``; returns an unsaved :class:`DistilledSet`."""
     spec = get_method(name)
-    config = options if isinstance(options, spec.config_cls) else make_config(name, options)
+    preset = None
+    if isinstance(options, spec.config_cls):
+        config = options
+    else:
+        options = dict(options or {})
+        if spec.presets is not None:
+            options, preset = spec.presets(task.info.name, options)
+        config = make_config(name, options)
     out = spec.run(task, config)
     produced = {c: int((out.labels == c).sum()) for c in range(task.info.num_classes)}
     if produced != task.counts:
@@ -202,6 +218,7 @@ def distill(name: str, task: DistillTask, options: dict[str, Any] | Any = None) 
         "pipc": task.pipc,
         "real_images_seen": int(len(task.real)),
         "allocation": task.allocation or {"allocation": "fixed"},
+        **({"recipe": preset} if preset is not None else {}),
         **out.extra,
     }
     return DistilledSet(
