@@ -298,12 +298,12 @@ def test_dsv_initialised_dm_starts_from_the_dsv_images(digits, digits_model):
 
 
 def test_dm_dkkt_starts_from_the_datasets_validated_recipe_and_the_caller_wins(digits, digits_model):
-    from server.methods.recipes import VALIDATED, apply_recipe
+    from server.methods.recipes import apply_recipe, recipe_for
 
     task = make_task(digits, 1, pipc=10, seed=2, progress=False)
     base = {"iterations": 3, "batch_real": 8, "global_model": str(digits_model)}
     validated = distill("dm+dkkt", task, base)
-    recipe = VALIDATED["digits"].options
+    recipe = recipe_for("digits", 1).options
     assert {k: validated.manifest["options"][k] for k in recipe} == recipe
     assert validated.manifest["recipe"]["recipe"] == "validated" and validated.manifest["recipe"]["command"]
     published = distill("dm+dkkt", task, {**base, "recipe": "published"})
@@ -313,9 +313,19 @@ def test_dm_dkkt_starts_from_the_datasets_validated_recipe_and_the_caller_wins(d
     mine = distill("dm+dkkt", task, {**base, "w_kkt": 0.5})
     assert mine.manifest["options"]["w_kkt"] == 0.5 and mine.manifest["options"]["kkt_clean_term"] is True
     assert mine.manifest["recipe"]["overridden_by_caller"] == ["w_kkt"]
-    assert apply_recipe("npz-of-my-own", {"w_kkt": 2.0}) == (
+    other = replace(task, info=replace(task.info, name="npz-of-my-own"))
+    assert apply_recipe(other, {"w_kkt": 2.0}) == (
         {"w_kkt": 2.0},
         {"recipe": "published", "why": "no validated recipe for 'npz-of-my-own'"},
     )
     with pytest.raises(ConfigError, match="use validated"):
         distill("dm+dkkt", task, {**base, "recipe": "best"})
+
+
+def test_a_task_takes_the_recipe_swept_at_the_nearest_ipc(monkeypatch):
+    from server.methods import recipes
+
+    one, ten = (recipes.Recipe({"w_kkt": w}, "test", chosen_at={"ipc": i}) for w, i in ((10.0, 1), (1.0, 10)))
+    monkeypatch.setitem(recipes.VALIDATED, "two-recipes", [one, ten])
+    assert [recipes.recipe_for("two-recipes", ipc) for ipc in (1, 3, 8, 50)] == [one, one, ten, ten]
+    assert recipes.recipe_for("none-measured", 10) is None

@@ -27,28 +27,39 @@ class Recipe:
     chosen_at: dict[str, Any] = field(default_factory=dict)  # the ipc / pipc the sweep ran at
 
 
-VALIDATED: dict[str, Recipe] = {
-    "digits": Recipe(
-        options={"w_kkt": 10.0, "kkt_clean_term": True, "kkt_aug_weight": 0.0},
-        evidence=(
-            "validation 92.88 % vs dm 91.88 % (+1.00, 1.0 SE paired over 2 folds of 20 held-out images per class); "
-            "published recipe w_kkt 1: 84.25 %, w_kkt 10: 76.88 %; un-augmented w_kkt 1: 92.75 %"
-        ),
-        command=(
-            "python -m simulations.bench_dkkt --dataset digits --global-model runs/main/global-model --ipcs 10 "
-            "--pipcs 50 --sweep-ipcs 10 --sweep-pipc 50 --iterations 1000 --sweep-runs 2 --quick --stop-after sweep"
-        ),
-        chosen_at={"ipc": 10, "pipc": 50, "iterations": 1000},
-    ),
+# per dataset, one recipe per swept ipc; a task takes the recipe of the nearest swept ipc
+VALIDATED: dict[str, list[Recipe]] = {
+    "digits": [
+        Recipe(
+            options={"w_kkt": 10.0, "kkt_clean_term": True, "kkt_aug_weight": 0.0},
+            evidence=(
+                "validation 92.88 % vs dm 91.88 % (+1.00, 1.0 SE paired over 2 folds of 20 held-out images per class); "
+                "published recipe w_kkt 1: 84.25 %, w_kkt 10: 76.88 %; un-augmented w_kkt 1: 92.75 %"
+            ),
+            command=(
+                "python -m simulations.bench_dkkt --dataset digits --global-model runs/main/global-model --ipcs 10 "
+                "--pipcs 50 --sweep-ipcs 10 --sweep-pipc 50 --iterations 1000 --sweep-runs 2 --quick --stop-after sweep"
+            ),
+            chosen_at={"ipc": 10, "pipc": 50, "iterations": 1000},
+        )
+    ],
 }
 
 
-def apply_recipe(dataset: str, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(options with the dataset's validated recipe under them, the manifest's record of it)``."""
+def recipe_for(dataset: str, ipc: float) -> Recipe | None:
+    """The validated recipe of ``dataset`` swept at the ipc nearest ``ipc`` (None: none measured)."""
+    recipes = VALIDATED.get(dataset, [])
+    return min(recipes, key=lambda r: abs(r.chosen_at["ipc"] - ipc)) if recipes else None
+
+
+def apply_recipe(task, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(options with the task's validated recipe under them, the manifest's record of it)``."""
     which = options.get("recipe", "validated")
     if which not in RECIPE_CHOICES:
         raise ConfigError(f"recipe {which!r}: use validated (the dataset's validated DKKT settings) or published")
-    recipe = VALIDATED.get(dataset) if which == "validated" else None
+    dataset = task.info.name
+    ipc = sum(task.counts.values()) / max(1, len(task.counts))
+    recipe = recipe_for(dataset, ipc) if which == "validated" else None
     if recipe is None:
         why = "asked for" if which == "published" else f"no validated recipe for {dataset!r}"
         return options, {"recipe": "published", "why": why}

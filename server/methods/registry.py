@@ -86,8 +86,8 @@ class MethodSpec:
     config_cls: type
     description: str
     quick: dict[str, Any] = field(default_factory=dict)  # option overrides of the --quick smoke preset
-    # (dataset name, caller's options) -> (options with dataset-specific defaults under them, manifest record)
-    presets: Callable[[str, dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]] | None = None
+    # (task, caller's options) -> (options with task-specific defaults under them, manifest record)
+    presets: Callable[[DistillTask, dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]] | None = None
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
@@ -98,12 +98,12 @@ def register_method(
     config_cls: type,
     description: str = "",
     quick: dict[str, Any] | None = None,
-    presets: Callable[[str, dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]] | None = None,
+    presets: Callable[[DistillTask, dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]] | None = None,
 ):
     """Decorator registering ``run(task, config) -> MethodOutput`` under ``name``.
 
     ``quick`` holds the option overrides of the method's smoke-run preset (``distill --quick``);
-    ``presets`` puts dataset-specific defaults under the caller's options (e.g. a validated recipe).
+    ``presets`` puts task-specific defaults under the caller's options (e.g. a dataset's validated recipe).
     """
     if not dataclasses.is_dataclass(config_cls):
         raise TypeError("a method's config must be a dataclass")
@@ -205,7 +205,7 @@ def distill(name: str, task: DistillTask, options: dict[str, Any] | Any = None) 
     else:
         options = dict(options or {})
         if spec.presets is not None:
-            options, preset = spec.presets(task.info.name, options)
+            options, preset = spec.presets(task, options)
         config = make_config(name, options)
     out = spec.run(task, config)
     produced = {c: int((out.labels == c).sum()) for c in range(task.info.num_classes)}
