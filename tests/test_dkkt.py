@@ -135,10 +135,12 @@ def test_spectrum_of_a_constant_image_is_all_low_frequency():
     assert float(spectrum.sum() - spectrum[4, 4]) == pytest.approx(0.0, abs=1e-5)
 
 
-def test_dm_dkkt_resumes_exactly_including_the_multipliers(digits, digits_model, tmp_path):
+@pytest.mark.parametrize("dsv_init", [0, 4])
+def test_dm_dkkt_resumes_exactly_including_the_multipliers(digits, digits_model, tmp_path, dsv_init):
     from server.methods.dsv import DMDKKTConfig, run_dm_dkkt
 
     config = dict(iterations=8, checkpoint_every=3, batch_real=8, log_every=2, global_model=str(digits_model))
+    config["init_dsv_iterations"] = dsv_init
     full = run_dm_dkkt(make_task(digits, 1, pipc=10, seed=5, progress=False), DMDKKTConfig(**config))
     task = make_task(digits, 1, pipc=10, seed=5, progress=False, workdir=tmp_path)
 

@@ -129,8 +129,11 @@ def dsv_start(task: DistillTask, config: DMDKKTConfig) -> tuple[torch.Tensor, to
     images, labels = initial_images(task, config.init)
     if not config.init_dsv_iterations:
         return images, labels, None
+    workdir = Path(task.workdir) if task.workdir else None
+    if config.resume and workdir and (workdir / "dm+dkkt-checkpoint.pt").exists():
+        return images, labels, {"skipped": "resumed: the images come from the dm+dkkt checkpoint"}
     dsv = _pick(config, DSVConfig, iterations=config.init_dsv_iterations, lr_img=config.init_dsv_lr, init="real")
-    if config.resume and not (task.workdir and (Path(task.workdir) / "dsv-checkpoint.pt").exists()):
+    if config.resume and not (workdir and (workdir / "dsv-checkpoint.pt").exists()):
         dsv = replace(dsv, resume=False)  # a run shorter than one checkpoint interval leaves none: redo it
     out = run_dsv(task, dsv, images, labels)
     return out.images, labels, {k: v for k, v in out.extra.items() if k != "loss_curve"}
