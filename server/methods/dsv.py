@@ -24,7 +24,7 @@ from common.runtime import derive_seed, make_generator
 from server.methods.dkkt import DKKTLoss, DKKTOptions, WeightSchedule
 from server.methods.dm import DMConfig, DMLoss, dm_optimizer, initial_images, job_identity, loop_settings, run_dm
 from server.methods.pixel_loop import optimise_pixels
-from server.methods.recipes import RECIPE_CHOICES, apply_recipe
+from server.methods.recipes import apply_recipe, check_recipe
 from server.methods.registry import DistillTask, MethodOutput, register_method
 
 
@@ -56,8 +56,7 @@ class DMDKKTConfig(DMConfig, DKKTOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.recipe not in RECIPE_CHOICES:
-            raise ConfigError(f"recipe {self.recipe!r}: use validated or published")
+        check_recipe(self.recipe)
         if self.w_kkt < 0 or self.init_dsv_iterations < 0 or self.init_dsv_lr <= 0:
             raise ConfigError("w_kkt and init_dsv_iterations must be >= 0 and init_dsv_lr > 0")
         self.weight_schedule()  # checks the schedule's name and ramp

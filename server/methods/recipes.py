@@ -46,6 +46,13 @@ VALIDATED: dict[str, list[Recipe]] = {
 }
 
 
+def check_recipe(which: str) -> str:
+    """``which`` if it names a recipe choice, else a one-line ConfigError naming the choices."""
+    if which not in RECIPE_CHOICES:
+        raise ConfigError(f"recipe {which!r}: use validated (the dataset's validated DKKT settings) or published")
+    return which
+
+
 def recipe_for(dataset: str, ipc: float) -> Recipe | None:
     """The validated recipe of ``dataset`` swept at the ipc nearest ``ipc`` (None: none measured)."""
     recipes = VALIDATED.get(dataset, [])
@@ -54,9 +61,7 @@ def recipe_for(dataset: str, ipc: float) -> Recipe | None:
 
 def apply_recipe(task, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(options with the task's validated recipe under them, the manifest's record of it)``."""
-    which = options.get("recipe", "validated")
-    if which not in RECIPE_CHOICES:
-        raise ConfigError(f"recipe {which!r}: use validated (the dataset's validated DKKT settings) or published")
+    which = check_recipe(options.get("recipe", "validated"))
     dataset = task.info.name
     ipc = sum(task.counts.values()) / max(1, len(task.counts))
     recipe = recipe_for(dataset, ipc) if which == "validated" else None
