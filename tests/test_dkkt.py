@@ -5,11 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common.datasets import DATASETS
 from common.errors import ConfigError
 from common.modelio import save_model
 from common.models import build_model
 from server.methods.dkkt import DKKTLoss, DKKTOptions, select_parameters, stationarity_loss
-from server.methods.registry import distill, make_task
+from server.methods.registry import distill, make_config, make_task
 
 
 @pytest.fixture(scope="session")
@@ -322,6 +323,18 @@ def test_dm_dkkt_starts_from_the_datasets_validated_recipe_and_the_caller_wins(d
     )
     with pytest.raises(ConfigError, match="use validated"):
         distill("dm+dkkt", task, {**base, "recipe": "best"})
+
+
+def test_every_stored_recipe_is_a_valid_dm_dkkt_config_with_its_evidence():
+    from server.methods import recipes
+
+    for dataset, stored in recipes.VALIDATED.items():
+        assert dataset in DATASETS, dataset
+        assert sorted(r.chosen_at["ipc"] for r in stored) == sorted({r.chosen_at["ipc"] for r in stored})
+        for recipe in stored:
+            config = make_config("dm+dkkt", recipe.options)  # an unknown or mistyped key fails here
+            assert all(getattr(config, k) == v for k, v in recipe.options.items())
+            assert recipe.evidence and "--sweep-ipcs" in recipe.command and recipe.chosen_at["iterations"] >= 1000
 
 
 def test_a_task_takes_the_recipe_swept_at_the_nearest_ipc(monkeypatch):
