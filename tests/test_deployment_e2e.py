@@ -273,3 +273,60 @@ def test_devices_behind_the_fleet_gateway_run_two_rounds_and_cannot_reach_the_co
         assert "Exit Code: 305" in refused and "Failed to activate SuperNode" in refused, refused[-2000:]
     finally:
         flower.stop_all()
+
+
+def _ask_gateway(app, headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[int, str]:
+    """One ASGI request to the gateway application in this process: ``(status, body text)``."""
+    import asyncio
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "https",
+        "path": "/v1/fleet/ping",
+        "raw_path": b"/v1/fleet/ping",
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 9092),
+    }
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body").decode()
+
+
+def test_gateway_refuses_a_malformed_or_oversized_body_before_the_superlink(tmp_path):
+    from server.federation.gateway import GatewayConfig, build_app
+
+    certs = tmp_path / "certs"
+    assert main(["certs", "--out", str(certs), "--nodes", "0"]) == 0
+    (closed_port,) = free_ports(1)  # nothing listens there: a forwarded request fails with 502
+    config = GatewayConfig(
+        superlink=f"127.0.0.1:{closed_port}",
+        certfile=str(certs / "server.crt"),
+        keyfile=str(certs / "server.key"),
+        superlink_ca=str(certs / "ca.crt"),
+        max_body_bytes=16,
+    )
+    app = build_app(config)
+    assert _ask_gateway(app, [(b"content-length", b"12abc")], b"12abc") == (
+        400,
+        "Content-Length must be a decimal byte count",
+    )
+    assert _ask_gateway(app, [(b"content-length", b"17")], b"x" * 17)[0] == 413
+    # a body that lies about its size is cut off at the limit, not read to the end
+    assert _ask_gateway(app, [(b"content-length", b"4")], b"x" * 17)[0] == 413
+    assert _ask_gateway(app, [(b"content-length", b"4")], b"xxxx") == (
+        502,
+        "the SuperLink is unreachable from the fleet gateway",
+    )

@@ -102,7 +102,9 @@ def build_app(config: GatewayConfig):
             return PlainTextResponse(REFUSAL, status_code=403)
         too_large = PlainTextResponse("request body too large for the fleet gateway", status_code=413)
         declared = request.headers.get("content-length", "0")
-        if not declared.isdigit() or int(declared) > config.max_body_bytes:
+        if not declared.isdigit():
+            return PlainTextResponse("Content-Length must be a decimal byte count", status_code=400)
+        if int(declared) > config.max_body_bytes:
             return too_large
         body = bytearray()
         async for chunk in request.stream():
