@@ -118,6 +118,45 @@ def test_submit_watch_fetch_a_dm_job_end_to_end(service, tmp_path):
         client.download(job.id, tmp_path / "artifact")
 
 
+def test_a_job_that_asks_for_evaluation_reports_the_accuracy_evaluate_measures(service, tmp_path):
+    import torch
+
+    from common.datasets import load_dataset
+    from common.evaluation import PRESETS, evaluate_set
+
+    client = service.client()
+    job = client.submit(**SMALL_DM, seed=4, eval_runs=2)
+    assert job.request.eval_runs == 2
+    events = list(client.watch(job.id))
+    assert "evaluating" in [e.phase for e in events] and events[-1].state == pb.SUCCEEDED
+    done = client.get(job.id)
+    assert 0.3 < done.accuracy <= 1.0  # chance is 0.1
+    assert events[-1].metrics["accuracy"] == pytest.approx(done.accuracy) and "test accuracy" in events[-1].message
+    path = client.download(job.id, tmp_path / "artifact")
+    recorded = read_manifest(path)["evaluation"]["convnet3@300ep"]
+    assert recorded["runs"] == 2 and recorded["mean"] == pytest.approx(done.accuracy)
+    # the same networks `edgedistill evaluate --quick --runs 2 --seed 4` trains (one thread, as the worker)
+    dset, data, threads = load_distilled_set(path), load_dataset("digits"), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        again = evaluate_set(
+            dset.images,
+            dset.labels,
+            data.test,
+            data.info,
+            runs=2,
+            config=PRESETS["quick"],
+            seed=4,
+            workers=1,
+            progress=False,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert again.accuracies == pytest.approx(recorded["accuracies"])
+    plain = client.submit(**SMALL_DM, seed=4)
+    assert wait_for(client, plain.id, lambda j: j.state == pb.SUCCEEDED).accuracy == 0.0  # none asked, none run
+
+
 def test_a_dkkt_job_runs_on_an_uploaded_global_model(service, digits_model_dir):
     client = service.client()
     ref = client.upload_model(digits_model_dir)
@@ -174,6 +213,8 @@ def test_every_refused_request_gets_its_status_code_and_leaves_the_job_table_unc
         "unknown option": ({**SMALL_DM, "options": {"bogus": "1"}}, "INVALID_ARGUMENT", "has no option 'bogus'"),
         "mistyped option": ({**SMALL_DM, "options": {"iterations": "many"}}, "INVALID_ARGUMENT", "needs a int"),
         "out-of-range option": ({**SMALL_DM, "options": {"iterations": "-5"}}, "INVALID_ARGUMENT", ">= 0"),
+        "too many eval runs": ({**SMALL_DM, "eval_runs": 6}, "INVALID_ARGUMENT", "eval_runs 6: use 0"),
+        "eval runs < 0": ({**SMALL_DM, "eval_runs": -1}, "INVALID_ARGUMENT", "eval_runs -1: use 0"),
         "a service-owned option": ({**SMALL_DM, "options": {"resume": "true"}}, "INVALID_ARGUMENT", "set by the"),
         "dkkt without a model": ({**SMALL_DM, "method": "dm+dkkt"}, "INVALID_ARGUMENT", "needs global_model"),
         "unknown model": ({**SMALL_DM, "method": "dm+dkkt", "global_model": "abc123"}, "NOT_FOUND", "upload it"),

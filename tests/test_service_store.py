@@ -102,3 +102,24 @@ def test_concurrent_workers_in_separate_processes_claim_every_job_exactly_once(t
     claimed = [line.strip() for p in procs for line in p.communicate(timeout=120)[0].splitlines()]
     assert all(p.returncode == 0 for p in procs)
     assert sorted(claimed) == sorted(ids)  # none twice, none lost
+
+
+def test_a_table_from_before_the_phase_column_opens_with_its_jobs_and_a_phase(tmp_path):
+    import sqlite3
+
+    from server.service import store as store_module
+
+    old_schema = store_module.SCHEMA.replace(",\n    phase TEXT NOT NULL DEFAULT ''", "")
+    assert "phase" not in old_schema
+    db = sqlite3.connect(tmp_path / "jobs.db")
+    db.executescript(old_schema)
+    db.execute("INSERT INTO jobs (id, state, request, submitted_at) VALUES ('old', ?, '{}', 1.0)", (QUEUED,))
+    db.commit()
+    db.close()
+    store = JobStore(tmp_path / "jobs.db")
+    assert store.get("old")["phase"] == "" and store.claim("w1")["id"] == "old"
+    assert store.set_phase("old", "evaluating") and store.get("old")["phase"] == "evaluating"
+    store.recover()
+    assert store.claim("w2")["phase"] == ""  # a job claimed again starts from distilling
+    store.cancel("old")
+    assert not store.set_phase("old", "evaluating")  # a cancelled job is not running: the worker stops

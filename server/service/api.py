@@ -42,6 +42,7 @@ def request_to_dict(message: pb.SubmitJobRequest) -> dict:
         "seed": message.seed,
         "priority": message.priority,
         "label": message.label,
+        "eval_runs": message.eval_runs,
     }
 
 
@@ -60,6 +61,7 @@ def job_to_message(job: dict) -> pb.Job:
         seed=request["seed"],
         priority=request["priority"],
         label=request["label"],
+        eval_runs=request.get("eval_runs", 0),
     )
     return pb.Job(
         id=job["id"],
@@ -82,7 +84,7 @@ def _phase(job: dict) -> str:
     if job["state"] == QUEUED:
         return "queued"
     if job["state"] == RUNNING:
-        return "distilling" if job["iterations"] else "loading"
+        return job["phase"] or ("distilling" if job["iterations"] else "loading")
     return "done"
 
 
@@ -183,7 +185,7 @@ class DistillService(pb_grpc.DistillServiceServicer):
         last, first_seen = None, None
         with self.watchers.watching(request.id) as next_snapshot:
             while context.is_active():
-                now, seen = time.time(), (job["state"], job["iteration"], job["attempts"])
+                now, seen = time.time(), (job["state"], job["iteration"], job["attempts"], job["phase"])
                 if seen != last:
                     if job["state"] == RUNNING and job["iteration"] and first_seen is None:
                         first_seen = (now, job["iteration"])
@@ -201,6 +203,8 @@ class DistillService(pb_grpc.DistillServiceServicer):
             eta = rate * (job["iterations"] - job["iteration"])
         metrics = {"accuracy": job["accuracy"]} if job["accuracy"] else {}
         message = job["error"] or (f"artifact {job['artifact']}" if job["state"] == SUCCEEDED else "")
+        if job["state"] == SUCCEEDED and job["accuracy"]:
+            message += f"; test accuracy {100 * job['accuracy']:.2f} % ({job['request'].get('eval_runs')} runs)"
         return pb.JobEvent(
             id=job["id"],
             state=pb.JobState.Value(job["state"]),

@@ -164,6 +164,9 @@ def jobs_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     submit.add_argument("--seed", type=int, default=0)
     submit.add_argument("--priority", type=int, default=0)
     submit.add_argument("--label", default="")
+    submit.add_argument(
+        "--eval-runs", type=int, default=0, help="then test this many fresh ConvNet-3 on it (quick protocol, <= 5)"
+    )
     submit.add_argument("--watch", action="store_true", help="then watch it to the end")
     listing = actions.add_parser("list", help="jobs, newest first")
     listing.add_argument("--state", default="", choices=["", *("QUEUED", "RUNNING"), *ENDED_STATES])
@@ -225,6 +228,7 @@ def submit_fields(args: argparse.Namespace, client: ServiceClient) -> dict:
         "seed": args.seed,
         "priority": args.priority,
         "label": args.label,
+        "eval_runs": args.eval_runs,
     }
     if args.ipc.strip().isdigit():
         fields["ipc"] = int(args.ipc)

@@ -1,4 +1,5 @@
-"""What a worker does with one claimed job: distil, write the artifact, record the outcome.
+"""What a worker does with one claimed job: distil, write the artifact, evaluate it when the request
+asks (``eval_runs``), record the outcome.
 
 Every executor (local processes, Ray tasks) calls :func:`run_job`; the job table is the only
 channel back. A job's method checkpoints live in ``work/<id>`` under the state directory: a job
@@ -58,8 +59,10 @@ def run_job(layout: ServiceLayout, job: dict, data_root: str = "", device: str =
     store = JobStore(layout.database)
     try:
         artifact, images_sha256 = distil_job(layout, store, job, data_root, device)
+        accuracy = evaluate_job(store, job, artifact, data_root, device)
     except Cancelled:
         shutil.rmtree(layout.work / job["id"], ignore_errors=True)  # the table already says CANCELLED
+        shutil.rmtree(layout.artifacts / job["id"], ignore_errors=True)  # one written before an evaluation
         return CANCELLED
     except EdgeDistillError as exc:
         store.finish(job["id"], FAILED, error=str(exc))
@@ -69,7 +72,7 @@ def run_job(layout: ServiceLayout, job: dict, data_root: str = "", device: str =
         log.write_text(traceback.format_exc())
         store.finish(job["id"], FAILED, error=f"internal error {type(exc).__name__}: {exc} (traceback in {log})")
         return FAILED
-    store.finish(job["id"], SUCCEEDED, artifact=str(artifact), artifact_sha256=images_sha256)
+    store.finish(job["id"], SUCCEEDED, artifact=str(artifact), artifact_sha256=images_sha256, accuracy=accuracy)
     shutil.rmtree(layout.work / job["id"], ignore_errors=True)
     return SUCCEEDED
 
@@ -110,6 +113,38 @@ def distil_job(layout: ServiceLayout, store: JobStore, job: dict, data_root: str
         dset.manifest["label"] = request["label"]
     artifact = save_distilled_set(layout.artifacts / job_id, dset, overwrite=True)
     return artifact, dset.manifest["tensors_sha256"]  # the save records it in the manifest it wrote
+
+
+def evaluate_job(store: JobStore, job: dict, artifact: Path, data_root: str, device: str) -> float:
+    """The mean test accuracy of ``eval_runs`` fresh ConvNet-3 trained on the artifact (quick protocol),
+    recorded in its manifest as ``edgedistill evaluate --quick`` records it; 0.0 when none was asked."""
+    from common.artifacts import load_distilled_set, update_manifest
+    from common.datasets import load_dataset
+    from common.evaluation import PRESETS, evaluate_set
+
+    runs = int(job["request"].get("eval_runs") or 0)
+    if runs == 0:
+        return 0.0
+    if not store.set_phase(job["id"], "evaluating"):
+        raise Cancelled(f"job {job['id']} was cancelled")
+    data = load_dataset(job["request"]["dataset"], data_root=data_root or None)
+    dset = load_distilled_set(artifact, expect=data.info)
+    config = PRESETS["quick"]
+    result = evaluate_set(
+        dset.images,
+        dset.labels,
+        data.test,
+        data.info,
+        runs=runs,
+        config=config,
+        seed=job["request"]["seed"],
+        device=device,
+        workers=1,  # in the worker's own process: a service worker may not start a process pool
+        progress=False,
+    )
+    scores = {k: v for k, v in result.to_dict().items() if k in ("mean", "std", "accuracies", "runs")}
+    update_manifest(artifact, evaluation={f"{result.arch}@{config.epochs}ep": scores})
+    return result.mean
 
 
 def worker_loop(layout: ServiceLayout, name: str, data_root: str, device: str, poll_seconds: float = 0.5) -> None:

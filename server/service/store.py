@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     artifact_sha256 TEXT NOT NULL DEFAULT '',
     accuracy REAL NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0,
-    worker TEXT NOT NULL DEFAULT ''
+    worker TEXT NOT NULL DEFAULT '',
+    phase TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority DESC, seq);
 """
@@ -66,6 +67,8 @@ class JobStore:
         db = self._connect()
         db.execute("PRAGMA journal_mode=WAL")
         db.executescript(SCHEMA)
+        if "phase" not in {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}:
+            db.execute("ALTER TABLE jobs ADD COLUMN phase TEXT NOT NULL DEFAULT ''")  # a table from before it
 
     def _connect(self) -> sqlite3.Connection:
         """This thread's connection (opened once: a connection per call costs more than the query)."""
@@ -151,7 +154,8 @@ class JobStore:
             if row is None:
                 return None
             db.execute(
-                "UPDATE jobs SET state = ?, worker = ?, started_at = ?, attempts = attempts + 1 WHERE id = ?",
+                "UPDATE jobs SET state = ?, worker = ?, started_at = ?, phase = '', attempts = attempts + 1 "
+                "WHERE id = ?",
                 (RUNNING, worker, time.time(), row["id"]),
             )
             return self._fetch(db, row["id"])
@@ -162,6 +166,14 @@ class JobStore:
             changed = db.execute(
                 "UPDATE jobs SET iteration = ?, iterations = ?, loss = ? WHERE id = ? AND state = ?",
                 (int(iteration), int(iterations), float(loss), job_id, RUNNING),
+            ).rowcount
+        return changed == 1
+
+    def set_phase(self, job_id: str, phase: str) -> bool:
+        """Name the running job's phase after distilling (``evaluating``); False when it no longer runs."""
+        with self._transaction() as db:
+            changed = db.execute(
+                "UPDATE jobs SET phase = ? WHERE id = ? AND state = ?", (phase, job_id, RUNNING)
             ).rowcount
         return changed == 1
 

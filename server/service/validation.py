@@ -24,6 +24,7 @@ INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, RESOURCE_EXHAUSTED = (
 # options the service sets itself: the model comes from the request's global_model, resume from the job's state
 SERVICE_OWNED_OPTIONS = ("global_model", "resume")
 MAX_OPTIONS = 64
+MAX_EVAL_RUNS = 5  # quick evaluations after distilling: each trains a fresh network on the worker
 MAX_TEXT = 256
 
 
@@ -128,6 +129,11 @@ def validate_request(request: dict, data_root: str, models_dir: Path) -> dict:
             config.check(method)  # ... and what it needs at run time (a global model for DKKT)
     except EdgeDistillError as exc:
         raise RequestError(INVALID_ARGUMENT, str(exc).replace("--global-model DIR", "global_model")) from None
+    eval_runs = int(request.get("eval_runs") or 0)
+    if not 0 <= eval_runs <= MAX_EVAL_RUNS:
+        raise RequestError(
+            INVALID_ARGUMENT, f"eval_runs {eval_runs}: use 0 (no evaluation) to {MAX_EVAL_RUNS} fresh networks"
+        )
     return {
         "method": method,
         "dataset": dataset,
@@ -138,6 +144,7 @@ def validate_request(request: dict, data_root: str, models_dir: Path) -> dict:
         "seed": int(request.get("seed") or 0),
         "priority": int(request.get("priority") or 0),
         "label": _text(request, "label", required=False),
+        "eval_runs": eval_runs,
     }
 
 

@@ -23,7 +23,7 @@ FAILED: JobState
 CANCELLED: JobState
 
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("method", "dataset", "global_model", "ipc", "class_counts", "pipc", "options", "seed", "priority", "label")
+    __slots__ = ("method", "dataset", "global_model", "ipc", "class_counts", "pipc", "options", "seed", "priority", "label", "eval_runs")
     class ClassCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,7 @@ class SubmitJobRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
+    EVAL_RUNS_FIELD_NUMBER: _ClassVar[int]
     method: str
     dataset: str
     global_model: str
@@ -58,7 +59,8 @@ class SubmitJobRequest(_message.Message):
     seed: int
     priority: int
     label: str
-    def __init__(self, method: _Optional[str] = ..., dataset: _Optional[str] = ..., global_model: _Optional[str] = ..., ipc: _Optional[int] = ..., class_counts: _Optional[_Mapping[int, int]] = ..., pipc: _Optional[int] = ..., options: _Optional[_Mapping[str, str]] = ..., seed: _Optional[int] = ..., priority: _Optional[int] = ..., label: _Optional[str] = ...) -> None: ...
+    eval_runs: int
+    def __init__(self, method: _Optional[str] = ..., dataset: _Optional[str] = ..., global_model: _Optional[str] = ..., ipc: _Optional[int] = ..., class_counts: _Optional[_Mapping[int, int]] = ..., pipc: _Optional[int] = ..., options: _Optional[_Mapping[str, str]] = ..., seed: _Optional[int] = ..., priority: _Optional[int] = ..., label: _Optional[str] = ..., eval_runs: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "state", "request", "submitted_at", "started_at", "finished_at", "iteration", "iterations", "error", "artifact", "artifact_sha256", "accuracy", "attempts")
