@@ -300,6 +300,20 @@ def test_dsv_initialised_dm_starts_from_the_dsv_images(digits, digits_model):
     assert not torch.equal(plain.images, dsv.images)
 
 
+def test_a_dsv_start_spends_dm_dkkts_time_limit(digits, digits_model, monkeypatch):
+    import types
+
+    from server.methods import pixel_loop
+
+    ticks = iter(range(10**6))  # a clock where every optimisation step takes exactly 1 s
+    monkeypatch.setattr(pixel_loop, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    task = make_task(digits, 1, pipc=10, seed=6, progress=False)
+    options = {"iterations": 10, "init_dsv_iterations": 4, "time_limit": 6.0, "global_model": str(digits_model)}
+    out = distill("dm+dkkt", task, options)
+    assert out.manifest["dsv_init"]["iterations"] == 4  # 4 s of the 6 s limit ...
+    assert out.manifest["iterations"] == 2 and "after 2 iterations" in out.manifest["stopped_early"]  # ... 2 s left
+
+
 def test_dm_dkkt_starts_from_the_datasets_validated_recipe_and_the_caller_wins(digits, digits_model):
     from server.methods.recipes import apply_recipe, recipe_for
 

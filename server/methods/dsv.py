@@ -138,6 +138,14 @@ def dsv_start(task: DistillTask, config: DMDKKTConfig) -> tuple[torch.Tensor, to
     return out.images, labels, {k: v for k, v in out.extra.items() if k != "loss_curve"}
 
 
+def dsv_seconds(summary: dict | None) -> float:
+    """Seconds a DSV start spent optimising in this run (0 when none ran): they count against
+    dm+dkkt's ``time_limit``, which bounds the whole method."""
+    if not summary:
+        return 0.0
+    return float(summary.get("seconds_per_iteration") or 0.0) * int(summary.get("iterations_this_run") or 0)
+
+
 def run_dm_dkkt(task: DistillTask, config: DMDKKTConfig, on_iteration=None) -> MethodOutput:
     config.check("dm+dkkt")
     images, labels, dsv_summary = dsv_start(task, config)
@@ -153,7 +161,7 @@ def run_dm_dkkt(task: DistillTask, config: DMDKKTConfig, on_iteration=None) -> M
         images,
         dm_optimizer(config),
         terms,
-        loop_settings(config),
+        loop_settings(config).after(dsv_seconds(dsv_summary)),
         job_identity("dm+dkkt", task, config),
         on_iteration,
     )

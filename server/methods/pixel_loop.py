@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -54,6 +54,13 @@ class LoopSettings:
     def __post_init__(self) -> None:
         if self.iterations < 0 or self.log_every < 1 or self.checkpoint_every < 0 or self.time_limit < 0:
             raise ConfigError("iterations, checkpoint_every and time_limit must be >= 0 and log_every >= 1")
+
+    def after(self, spent: float) -> LoopSettings:
+        """These settings for the rest of a method that already spent ``spent`` s of its time limit
+        (a limit used up leaves one iteration, since 0 would mean no limit)."""
+        if not self.time_limit or spent <= 0:
+            return self
+        return replace(self, time_limit=max(self.time_limit - spent, 1e-9))
 
 
 def slices_of(counts: dict[int, int]) -> dict[int, slice]:
