@@ -86,7 +86,7 @@ def evaluate_artifact(path: str | Path, args: argparse.Namespace, dataset_cache:
     data = dataset_cache[spec]
     dset = load_distilled_set(path, expect=data.info)
     config = eval_config_from_args(args)
-    results = []
+    results, entries = [], {}
     for arch in [m.strip() for m in args.models.split(",") if m.strip()]:
         result = evaluate_set(
             dset.images,
@@ -103,13 +103,8 @@ def evaluate_artifact(path: str | Path, args: argparse.Namespace, dataset_cache:
         )
         print(f"  {path}: {result}", flush=True)
         results.append({"artifact": str(path), "method": dset.method, "images": len(dset), **result.to_dict()})
-    update_manifest(
-        path,
-        evaluation={
-            f"{r['arch']}@{r['config']['epochs']}ep": {k: r[k] for k in ("mean", "std", "accuracies", "runs")}
-            for r in results
-        },
-    )
+        entries.update(result.manifest_entry())
+    update_manifest(path, evaluation=entries)
     return results
 
 

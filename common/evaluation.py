@@ -84,6 +84,11 @@ class EvalResult:
             "config": self.config,
         }
 
+    def manifest_entry(self) -> dict:
+        """``{"ARCH@EPOCHSep": scores}``: how an artifact's manifest records this evaluation."""
+        scores = {k: v for k, v in self.to_dict().items() if k in ("mean", "std", "accuracies", "runs")}
+        return {f"{self.arch}@{self.config.get('epochs')}ep": scores}
+
     def __str__(self) -> str:
         return f"{self.arch}: {100 * self.mean:.2f} +- {100 * self.std:.2f} % ({len(self.accuracies)} runs)"
 

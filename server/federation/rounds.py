@@ -141,7 +141,7 @@ def evaluate_artifact(data: Dataset, plan: RoundPlan, out: Path, dset=None):
         workers=plan.eval_workers or None,
         progress=plan.progress,
     )
-    update_manifest(out, evaluation={f"convnet3@{plan.eval_epochs}ep": result.to_dict()})
+    update_manifest(out, evaluation=result.manifest_entry())
     return result
 
 

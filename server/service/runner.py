@@ -129,21 +129,19 @@ def evaluate_job(store: JobStore, job: dict, artifact: Path, data_root: str, dev
         raise Cancelled(f"job {job['id']} was cancelled")
     data = load_dataset(job["request"]["dataset"], data_root=data_root or None)
     dset = load_distilled_set(artifact, expect=data.info)
-    config = PRESETS["quick"]
     result = evaluate_set(
         dset.images,
         dset.labels,
         data.test,
         data.info,
         runs=runs,
-        config=config,
+        config=PRESETS["quick"],
         seed=job["request"]["seed"],
         device=device,
         workers=1,  # in the worker's own process: a service worker may not start a process pool
         progress=False,
     )
-    scores = {k: v for k, v in result.to_dict().items() if k in ("mean", "std", "accuracies", "runs")}
-    update_manifest(artifact, evaluation={f"{result.arch}@{config.epochs}ep": scores})
+    update_manifest(artifact, evaluation=result.manifest_entry())
     return result.mean
 
 
