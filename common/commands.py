@@ -75,9 +75,9 @@ def evaluate_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None
 
 def evaluate_artifact(path: str | Path, args: argparse.Namespace, dataset_cache: dict) -> list[dict]:
     """Evaluate one artifact for every requested model; records the results in its manifest."""
-    from common.artifacts import load_distilled_set, read_manifest, update_manifest
+    from common.artifacts import load_distilled_set, read_manifest
     from common.datasets import load_dataset
-    from common.evaluation import evaluate_set
+    from common.evaluation import evaluate_recorded
 
     manifest = read_manifest(path)
     spec = args.dataset or manifest.get("dataset_spec") or manifest["dataset"]["name"]
@@ -86,9 +86,10 @@ def evaluate_artifact(path: str | Path, args: argparse.Namespace, dataset_cache:
     data = dataset_cache[spec]
     dset = load_distilled_set(path, expect=data.info)
     config = eval_config_from_args(args)
-    results, entries = [], {}
+    results = []
     for arch in [m.strip() for m in args.models.split(",") if m.strip()]:
-        result = evaluate_set(
+        result = evaluate_recorded(
+            path,
             dset.images,
             dset.labels,
             data.test,
@@ -103,8 +104,6 @@ def evaluate_artifact(path: str | Path, args: argparse.Namespace, dataset_cache:
         )
         print(f"  {path}: {result}", flush=True)
         results.append({"artifact": str(path), "method": dset.method, "images": len(dset), **result.to_dict()})
-        entries.update(result.manifest_entry())
-    update_manifest(path, evaluation=entries)
     return results
 
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -317,3 +318,15 @@ def evaluate_resampled(
     accuracies = _map_runs(_one_resampled_run, plan, workers, sampler, test, test_every)
     details = {**asdict(config), "protocol": "resampled-best", "test_every": test_every}
     return EvalResult(arch, accuracies, config=details, seconds=time.perf_counter() - started)
+
+
+def evaluate_recorded(
+    path: str | Path, images: torch.Tensor, labels: torch.Tensor, test: Split, info: DatasetInfo, **evaluate
+) -> EvalResult:
+    """:func:`evaluate_set` on the set saved at ``path``, recorded in that artifact's manifest
+    (``evaluation``, one entry per architecture and protocol length); every caller records it this way."""
+    from common.artifacts import update_manifest
+
+    result = evaluate_set(images, labels, test, info, **evaluate)
+    update_manifest(path, evaluation=result.manifest_entry())
+    return result

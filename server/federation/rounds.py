@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from common.artifacts import save_distilled_set, update_manifest
+from common.artifacts import save_distilled_set
 from common.datasets import Dataset
 from common.diversity import DEFAULT_K_MAX
 from common.errors import ConfigError
-from common.evaluation import EvalConfig, evaluate_set
+from common.evaluation import EvalConfig, evaluate_recorded
 from server.methods.registry import DistillTask, coerce_option, distill, make_task, option_names
 
 
@@ -129,7 +129,8 @@ def evaluate_artifact(data: Dataset, plan: RoundPlan, out: Path, dset=None):
     from common.runtime import resolve_device
 
     dset = dset if dset is not None else load_distilled_set(out, expect=data.info)
-    result = evaluate_set(
+    return evaluate_recorded(
+        out,
         dset.images,
         dset.labels,
         data.test,
@@ -141,8 +142,6 @@ def evaluate_artifact(data: Dataset, plan: RoundPlan, out: Path, dset=None):
         workers=plan.eval_workers or None,
         progress=plan.progress,
     )
-    update_manifest(out, evaluation=result.manifest_entry())
-    return result
 
 
 def apply_allocation(task: DistillTask, plan: RoundPlan, global_model: Path | None, device_statistics=None):

@@ -118,9 +118,9 @@ def distil_job(layout: ServiceLayout, store: JobStore, job: dict, data_root: str
 def evaluate_job(store: JobStore, job: dict, artifact: Path, data_root: str, device: str) -> float:
     """The mean test accuracy of ``eval_runs`` fresh ConvNet-3 trained on the artifact (quick protocol),
     recorded in its manifest as ``edgedistill evaluate --quick`` records it; 0.0 when none was asked."""
-    from common.artifacts import load_distilled_set, update_manifest
+    from common.artifacts import load_distilled_set
     from common.datasets import load_dataset
-    from common.evaluation import PRESETS, evaluate_set
+    from common.evaluation import PRESETS, evaluate_recorded
 
     runs = int(job["request"].get("eval_runs") or 0)
     if runs == 0:
@@ -129,7 +129,8 @@ def evaluate_job(store: JobStore, job: dict, artifact: Path, data_root: str, dev
         raise Cancelled(f"job {job['id']} was cancelled")
     data = load_dataset(job["request"]["dataset"], data_root=data_root or None)
     dset = load_distilled_set(artifact, expect=data.info)
-    result = evaluate_set(
+    result = evaluate_recorded(
+        artifact,
         dset.images,
         dset.labels,
         data.test,
@@ -141,7 +142,6 @@ def evaluate_job(store: JobStore, job: dict, artifact: Path, data_root: str, dev
         workers=1,  # in the worker's own process: a service worker may not start a process pool
         progress=False,
     )
-    update_manifest(artifact, evaluation=result.manifest_entry())
     return result.mean
 
 
