@@ -169,6 +169,7 @@ def main(argv=None) -> int:
             "dm+dkkt + un-augmented KKT pass (before)": replace(published, kkt_clean_term=True),
             "dm+dkkt, kkt_batch 50": replace(published, kkt_batch=50),
             "dm+dkkt, kkt_batch 32": replace(published, kkt_batch=32),
+            "dm+dkkt, kkt_params last (classifier only)": replace(published, kkt_params="last"),
         }
         kkt_s = {name: time_dm_dkkt(kkt_task, config, args.iterations) for name, config in kkt.items()}
     rows = [["dm", f"{dm_s:.3f}", "1.00"]] + [[n, f"{s:.3f}", f"{s / dm_s:.2f}"] for n, s in kkt_s.items()]
