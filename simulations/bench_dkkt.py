@@ -174,6 +174,7 @@ def score_candidates(sweep_cells: list[dict], ipc: int) -> list[dict]:
         fold_means = torch.tensor([c["mean"] for c in sorted(cells, key=lambda c: c["fold"])], dtype=torch.float64)
         accuracies = [a for c in cells for a in c["accuracies"]]
         std = fold_means.std().item() if len(fold_means) > 1 else 0.0
+        timed = [c["seconds_per_iteration"] for c in cells if c.get("seconds_per_iteration")]
         scores.append(
             {
                 "ipc": ipc,
@@ -185,6 +186,7 @@ def score_candidates(sweep_cells: list[dict], ipc: int) -> list[dict]:
                 "sem": std / len(fold_means) ** 0.5,
                 "fold_means": {c["fold"]: c["mean"] for c in cells},
                 "order": cells[0].get("order", 0),
+                "seconds_per_iteration": sum(timed) / len(timed) if timed else None,
             }
         )
     return sorted(scores, key=lambda s: s["order"])
@@ -391,8 +393,16 @@ def report(args, sweep: Cells, cells: Cells, chosen: dict, model_meta: dict, con
     for ipc in sorted({c["ipc"] for c in swept}):
         for score in score_candidates(swept, ipc):
             options = ", ".join(f"{k}={v}" for k, v in score["options"].items() if not (k == "lambda_scale" and v == 1))
+            seconds = score["seconds_per_iteration"]
             sweep_rows.append(
-                [ipc, score["candidate"], options, score["folds"], format_accuracy(score["mean"], score["std"])]
+                [
+                    ipc,
+                    score["candidate"],
+                    options,
+                    score["folds"],
+                    format_accuracy(score["mean"], score["std"]),
+                    f"{seconds:.3f}" if seconds else "-",
+                ]
             )
 
     def chosen_line(ipc, c: dict) -> str:
@@ -422,7 +432,7 @@ def report(args, sweep: Cells, cells: Cells, chosen: dict, model_meta: dict, con
         f"{args.val_folds} folds, each seeing {seen} public images per class and scored on its own "
         f"{args.val_per_class} held-out ones; {args.sweep_runs} runs per fold; mean over all runs, "
         f"± std of the fold means):\n\n"
-        f"{markdown_table(['ipc', 'recipe', 'options', 'folds', 'validation acc %'], sweep_rows)}\n\n"
+        f"{markdown_table(['ipc', 'recipe', 'options', 'folds', 'validation acc %', 's / iteration'], sweep_rows)}\n\n"
         f"chosen on validation: {chosen_text}; "
         f"peak memory {peak_memory_mib(device):.0f} MiB\n"
     )

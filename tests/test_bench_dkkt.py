@@ -62,6 +62,9 @@ def test_choice_is_the_best_mean_over_folds_with_its_lead_in_standard_errors():
     w1 = scores[1]
     assert w1["mean"] == pytest.approx(0.845) and w1["folds"] == 2
     assert w1["std"] == pytest.approx(0.01 / 2**0.5)  # sample std of the fold means 0.85 and 0.84
+    assert w1["seconds_per_iteration"] is None  # these cells were not timed
+    timed = [c | {"seconds_per_iteration": s} for c, s in zip(cells[2:4], (0.2, 0.4), strict=True)]
+    assert score_candidates(timed, 10)[0]["seconds_per_iteration"] == pytest.approx(0.3)  # the ablation's cost column
     chosen = choose(scores)
     assert chosen["candidate"] == "w1"
     lead = chosen["lead_over_dm"]
