@@ -106,7 +106,8 @@ def variant_generator(task, config: GeneratorConfig, name: str, start: dict, out
     s2 = trainer.seconds[1] / max(1, variant.stage2_steps)
     meta = {
         "variant": name,
-        "selection": trainer.chosen,
+        # the chosen step per stage and every held-out score behind it
+        "selection": {"chosen": trainer.chosen, "history": trainer.selector.history if trainer.selector else []},
         "method_options": dataclasses.asdict(variant),
         "seconds_per_step_stage1": round(start["seconds_per_step"], 4),
         "seconds_per_step_stage2": round(s2, 4),
@@ -213,8 +214,7 @@ def report(args, cells: Cells, generators: dict, protocol, device: torch.device,
                 v,
                 m.get("seconds_per_step_stage1"),
                 m.get("seconds_per_step_stage2"),
-                "; ".join(f"{k}: {c['step']}, {100 * c['score']:.1f}" for k, c in (m.get("selection") or {}).items())
-                or "-",
+                "; ".join(f"{k}: {c['step']}, {100 * c['score']:.1f}" for k, c in chosen_steps(m).items()) or "-",
             ]
             for v, m in timing.items()
         ],
@@ -227,6 +227,12 @@ def report(args, cells: Cells, generators: dict, protocol, device: torch.device,
     atomic_write_json(out / "results.json", {"header": header, "cells": cells.done, "generators": timing})
     print(f"\nwrote {out / 'results.json'} and {out / 'table.md'}")
     return 0
+
+
+def chosen_steps(meta: dict) -> dict:
+    """Stage -> {"step", "score"} of a variant's held-out selection (older runs kept only that mapping)."""
+    selection = meta.get("selection") or {}
+    return selection.get("chosen", selection)
 
 
 def ordering(cells: Cells, generators: dict, ipcs: list[int]) -> str:

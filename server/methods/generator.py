@@ -21,13 +21,15 @@ runs Adam at ``lr_stage2`` (5e-6) for the generator *and* the discriminator.
 
 Checkpoint selection (``select_every`` > 0): ``select_per_class`` real images per class are held
 out of training; every ``select_every`` steps a ConvNet-3 trained on a fixed sample of the
-generator is scored on them, and each stage ends on its best-scoring state (stage 2 starts from
-stage 1's). The test split is never used. ``w_local = 0`` is DiM-style logit matching; both weights
-0 is the plain CGAN (no pool). Every weighted term is logged per step (curves in the manifest, a
-plot in the generator directory). The artifact holds ``ipc`` images per class sampled from the
-final generator plus the generator itself (``generator/``), from which ``edgedistill generate``
-draws any counts later. One seeded generator drives all randomness and is checkpointed with
-everything else: ``--resume`` continues an interrupted run exactly.
+generator is scored on them, and each stage ends on its best-scoring state among those its own
+steps reached (stage 2 starts from stage 1's choice but cannot hand it back unchanged: as in DiM,
+the matching stage picks among its own checkpoints). The test split is never used.
+``w_local = 0`` is DiM-style logit matching; both weights 0 is the plain CGAN (no pool). Every
+weighted term is logged per step (curves in the manifest, a plot in the generator directory).
+The artifact holds ``ipc`` images per class sampled from the final generator plus the generator
+itself (``generator/``), from which ``edgedistill generate`` draws any counts later. One seeded
+generator drives all randomness and is checkpointed with everything else: ``--resume``
+continues an interrupted run exactly.
 """
 
 from __future__ import annotations
@@ -303,7 +305,7 @@ class HeldOutSelector:
     def end_stage(self, trainer: GeneratorTrainer, stage: int) -> dict:
         """Score the last state, restore the stage's best into the trainer; returns its step and score.
 
-        The next stage starts from scratch (``best`` None) and first scores the state it starts from.
+        The next stage starts from scratch (``best`` None): the state it starts from is not a candidate.
         """
         if not self.history or self.history[-1][:2] != [trainer.step, stage]:
             self.consider(trainer, stage)
@@ -316,7 +318,8 @@ class HeldOutSelector:
         return {"history": self.history, "best": self.best}
 
     def load_state_dict(self, state: dict) -> None:
-        self.history, self.best = state["history"], state["best"]
+        # copies: one stage-1 state may seed several stage-2 trainers (the benchmark's variants)
+        self.history, self.best = [list(h) for h in state["history"]], copy.deepcopy(state["best"])
 
 
 class GeneratorTrainer:
@@ -494,7 +497,9 @@ class GeneratorTrainer:
             self.selector.load_state_dict(state["selector"])
         self.chosen = dict(state.get("chosen", {}))
         self.rng.set_state(state["rng"])
-        self.step, self.curves, self.window = state["step"], state["curves"], state["window"]
+        # copies, as for the selector: appending to a shared stage-1 state would leak into the next variant
+        self.step = state["step"]
+        self.curves, self.window = copy.deepcopy(state["curves"]), copy.deepcopy(state["window"])
         self.seconds, self.stage1_grid = list(state["seconds"]), state["stage1_grid"]
 
 
@@ -537,8 +542,6 @@ def train_generator(
                 break
             if stage == 2 and trainer.step == first and trainer.stage1_grid is None:
                 trainer.begin_stage2()
-            if selector is not None and selector.best is None:
-                selector.consider(trainer, stage)  # a stage may end where it started
             started = time.perf_counter()
             values = trainer.train_step()
             trainer.seconds[stage - 1] += time.perf_counter() - started
@@ -563,7 +566,7 @@ def train_generator(
                 on_step(trainer.step)
         bar.close()
         if trainer.stopped_early:
-            if selector is not None and selector.best is not None:
+            if selector is not None and trainer.step > first:  # a stage that ran no step keeps its start
                 trainer.chosen[str(stage)] = selector.end_stage(trainer, stage)
             break
     trainer.flush()

@@ -1,0 +1,48 @@
+"""The generator benchmark end to end on digits, at a size that runs in seconds."""
+
+from __future__ import annotations
+
+import json
+
+from common.report import Cells
+from simulations import bench_generator
+
+OPTIONS = {
+    "log_every": 1,
+    "width": 16,
+    "batch_size": 32,
+    "match_batch": 16,
+    "pool_steps": 1,
+    "select_every": 2,
+    "select_per_class": 5,
+    "select_ipc": 2,
+    "select_epochs": 2,
+}
+SETS = [arg for key, value in OPTIONS.items() for arg in ("--set", f"{key}={value}")]
+
+
+def test_each_variant_keeps_its_own_stage_2_and_every_cell_is_reported(tmp_path):
+    out = tmp_path / "bench"
+    argv = ["--dataset", "digits", "--stage1-steps", "4", "--stage2-steps", "2", *SETS, "--ipcs", "1"]
+    argv += ["--runs", "1", "--epochs", "2", "--dim-epochs", "2", "--cross-archs", "", "--out", str(out)]
+    assert bench_generator.main(argv) == 0
+
+    weights, chosen = {}, {}
+    for name in ("cgan", "logit", "global-local"):
+        meta = json.loads((out / "generators" / name / "generator.json").read_text())
+        weights[name] = meta["sha256"]
+        chosen[name] = meta["selection"]["chosen"]["2"]["step"]
+        assert [step for step, stage, _ in meta["selection"]["history"] if stage == 2] == [6]
+        # its own two stage-2 steps only (one stage-1 state seeds all three: nothing may leak between them)
+        assert [step for step, _ in meta["loss_curves"]["g_total"] if step > 4] == [5, 6]
+    # the selection picks among stage 2's own states: the variants cannot all fall back to the shared CGAN
+    assert len(set(weights.values())) == 3, weights
+    assert set(chosen.values()) == {6}
+
+    cells = Cells(out / "cells.json")
+    for variant in ("cgan", "logit", "global+local"):
+        for protocol in ("fixed", "dim"):
+            cell = cells.get({"variant": variant, "ipc": 1, "arch": "convnet3", "protocol": protocol})
+            assert cell is not None and 0.0 <= cell["mean"] <= 1.0
+    table = (out / "table.md").read_text()
+    assert "DiM protocol" in table and "global+local" in table and "2: 6," in table
