@@ -26,6 +26,8 @@ Writes ``sweep.json``, ``results.json`` and ``table.md`` into ``--out``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import io
 import json
 import time
 from dataclasses import replace
@@ -43,7 +45,8 @@ from common.runtime import peak_memory_mib, resolve_device
 from common.subsets import held_out_fold
 from server.federation.rounds import RoundPlan, method_options
 from server.methods.dkkt import lambda_from_weight_decay
-from server.methods.registry import distill, make_task, option_names, parse_options
+from server.methods.dsv import averaged_runs
+from server.methods.registry import distill, make_config, make_task, option_names, parse_options
 
 METHODS = "random,herding,dm,dsv,dm+dkkt,dm+dkkt@1,dsv-dm-avg"
 # The published DKKT recipe (one augmented copy, weight 5) and the un-augmented one, at two weights.
@@ -220,21 +223,68 @@ def choose(scores: list[dict]) -> dict:
     return {**best, "lead_over_dm": lead(dm), "lead_over_runner_up": lead(runner_up)}
 
 
-def run_cell(data, task, method, options, test: Split, args, config, device) -> dict:
-    started = time.perf_counter()
-    dset = distill(method, task, options)
-    distill_s = time.perf_counter() - started
+REUSED_PARTS = ("dm", "dsv")  # the runs dsv-dm-avg averages: kept per table cell in --out/sets
+
+
+def kept_set(sets: Path, method: str) -> Path:
+    return sets / f"{method}.pt"
+
+
+def keep_set(sets: Path, method: str, dset, options: dict, seconds: float) -> None:
+    """Keep a dm / dsv set of the table with the exact config it ran, for dsv-dm-avg to average."""
+    buffer = io.BytesIO()
+    config = dataclasses.asdict(make_config(method, options))
+    torch.save({"images": dset.images, "labels": dset.labels, "config": config, "seconds": seconds}, buffer)
+    atomic_write_bytes(kept_set(sets, method), buffer.getvalue())
+
+
+def averaged_from_kept(sets: Path, options: dict) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """dsv-dm-avg's set from this cell's kept dm and dsv sets, when both ran the configs it would run
+    (bit for bit the same set, tested); None: run it."""
+    dm_config, dsv_config = averaged_runs(make_config("dsv-dm-avg", options))
+    if dm_config.init != "real":
+        return None
+    parts = []
+    for method, wanted in zip(REUSED_PARTS, (dm_config, dsv_config), strict=True):
+        path = kept_set(sets, method)
+        if not path.exists():
+            return None
+        part = torch.load(path, weights_only=True)
+        if part["config"] != dataclasses.asdict(wanted):
+            return None
+        parts.append(part)
+    dm, dsv = parts
+    if not torch.equal(dm["labels"], dsv["labels"]):
+        return None
+    return (dm["images"] + dsv["images"]) / 2, dm["labels"], dm["seconds"] + dsv["seconds"]
+
+
+def run_cell(data, task, method, options, test: Split, args, config, device, sets: Path | None = None) -> dict:
+    """Distil (or, for dsv-dm-avg, average the kept dm and dsv sets of ``sets``) and evaluate."""
+    reused = averaged_from_kept(sets, options) if sets is not None and method == "dsv-dm-avg" else None
+    manifest, note = {}, {}
+    if reused is not None:
+        images, labels, distill_s = reused
+        note = {"note": "averaged from this cell's dm and dsv sets (what dsv-dm-avg runs, bit for bit)"}
+    else:
+        started = time.perf_counter()
+        dset = distill(method, task, options)
+        distill_s = time.perf_counter() - started
+        images, labels, manifest = dset.images, dset.labels, dset.manifest
+        if sets is not None and method in REUSED_PARTS:
+            keep_set(sets, method, dset, options, distill_s)
     result = evaluate_set(
-        dset.images, dset.labels, test, data.info, runs=args.runs_now, config=config, seed=args.seed, device=device
+        images, labels, test, data.info, runs=args.runs_now, config=config, seed=args.seed, device=device
     )
     return {
         "mean": result.mean,
         "std": result.std,
         "accuracies": result.accuracies,
         "distill_seconds": round(distill_s, 2),
-        "seconds_per_iteration": dset.manifest.get("seconds_per_iteration"),
-        "lambda_init": dset.manifest.get("lambda_init"),
-        "kkt_primal_accuracy": dset.manifest.get("kkt_primal_accuracy"),
+        "seconds_per_iteration": manifest.get("seconds_per_iteration"),
+        "lambda_init": manifest.get("lambda_init"),
+        "kkt_primal_accuracy": manifest.get("kkt_primal_accuracy"),
+        **note,
     }
 
 
@@ -349,12 +399,9 @@ def main(argv=None) -> int:
                 elif fixed_w and chosen_cell is not None and chosen_cell.get("options") == more:
                     cell = {**chosen_cell, **key, "note": "same options as the validation choice"}
                 else:
-                    cell = {
-                        **key,
-                        **run_cell(
-                            data, task, base_method, options_for(base_method, **more), data.test, args, config, device
-                        ),
-                    }
+                    sets = out / "sets" / f"pipc{pipc}-ipc{ipc}"
+                    opts = options_for(base_method, **more)
+                    cell = {**key, **run_cell(data, task, base_method, opts, data.test, args, config, device, sets)}
                 recipe_name = choice["candidate"] if base_method == "dm+dkkt" and not fixed_w else None
                 cells.add({**cell, "options": cell.get("options", more), "recipe": recipe_name})
                 print(

@@ -83,3 +83,25 @@ def test_choice_is_the_best_mean_over_folds_with_its_lead_in_standard_errors():
     # a tie goes to the earlier candidate (DM before any DKKT recipe)
     tie = choose(score_candidates([cell("dm", 0, [0.8], 0, 0.0), cell("w1", 0, [0.8], 1, 1.0)], 10))
     assert tie["candidate"] == "dm" and tie["lead_over_dm"] is None
+
+
+def test_the_table_averages_the_kept_dm_and_dsv_sets_into_the_same_dsv_dm_avg_cell(tmp_path):
+    from common.cli import main
+    from common.report import Cells
+    from simulations import bench_dkkt
+
+    model = tmp_path / "model"
+    assert main(["train", "--dataset", "digits", "--epochs", "1", "--device", "cpu", "--out", str(model)]) == 0
+    common = ["--dataset", "digits", "--global-model", str(model), "--ipcs", "1", "--pipcs", "10"]
+    common += ["--sweep-ipcs", "1", "--sweep-pipc", "10", "--val-folds", "1", "--val-per-class", "3"]
+    common += ["--candidates", "dm: w_kkt=0", "--iterations", "3", "--runs", "1", "--sweep-runs", "1"]
+    common += ["--epochs", "2", "--device", "cpu"]
+    reused, fresh = tmp_path / "reused", tmp_path / "fresh"
+    assert bench_dkkt.main([*common, "--methods", "dm,dsv,dsv-dm-avg", "--out", str(reused)]) == 0
+    assert bench_dkkt.main([*common, "--methods", "dsv-dm-avg", "--out", str(fresh)]) == 0
+
+    key = {"method": "dsv-dm-avg", "ipc": 1, "pipc": 10}
+    averaged, ran = Cells(reused / "cells.json").get(key), Cells(fresh / "cells.json").get(key)
+    assert "averaged from this cell's dm and dsv sets" in averaged["note"] and "note" not in ran
+    assert averaged["accuracies"] == ran["accuracies"]  # the same set, so the same seeded evaluation
+    assert (reused / "sets" / "pipc10-ipc1" / "dsv.pt").exists() and not (fresh / "sets").exists()

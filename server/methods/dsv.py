@@ -183,11 +183,18 @@ def distill_dm_dkkt(task: DistillTask, config: DMDKKTConfig) -> MethodOutput:
     return run_dm_dkkt(task, config)
 
 
+def averaged_runs(config: DSVDMAvgConfig) -> tuple[DMConfig, DSVConfig]:
+    """The DM run and the DSV run that ``dsv-dm-avg`` averages. With the DM init ``real`` they are
+    exactly the ``dm`` and ``dsv`` methods at these configs (tested), so a caller that ran both may
+    average their sets instead of running them again."""
+    dsv = _pick(config, DSVConfig, iterations=config.dsv_iterations, lr_img=config.dsv_lr, init="real")
+    return _pick(config, DMConfig), dsv
+
+
 @register_method("dsv-dm-avg", DSVDMAvgConfig, "Average of a DSV image and a DM image per slot (published variant)")
 def distill_dsv_dm_avg(task: DistillTask, config: DSVDMAvgConfig) -> MethodOutput:
     config.check("dsv-dm-avg")
-    dm = _pick(config, DMConfig)
-    dsv = _pick(config, DSVConfig, iterations=config.dsv_iterations, lr_img=config.dsv_lr, init="real")
+    dm, dsv = averaged_runs(config)
     dm_out = run_dm(task, dm)
     images, labels = initial_images(task, config.init)
     dsv_out = run_dsv(task, dsv, images, labels)
