@@ -37,6 +37,7 @@ from server.methods.generator import (
     TERMS_PLOT,
     GeneratorConfig,
     save_terms_plot,
+    selection_record,
     train_generator,
 )
 from server.methods.registry import coerce_option, distill, make_task
@@ -106,8 +107,7 @@ def variant_generator(task, config: GeneratorConfig, name: str, start: dict, out
     s2 = trainer.seconds[1] / max(1, variant.stage2_steps)
     meta = {
         "variant": name,
-        # the chosen step per stage and every held-out score behind it
-        "selection": {"chosen": trainer.chosen, "history": trainer.selector.history if trainer.selector else []},
+        "selection": selection_record(trainer),
         "method_options": dataclasses.asdict(variant),
         "seconds_per_step_stage1": round(start["seconds_per_step"], 4),
         "seconds_per_step_stage2": round(s2, 4),

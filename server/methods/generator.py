@@ -318,8 +318,7 @@ class HeldOutSelector:
         return {"history": self.history, "best": self.best}
 
     def load_state_dict(self, state: dict) -> None:
-        # copies: one stage-1 state may seed several stage-2 trainers (the benchmark's variants)
-        self.history, self.best = [list(h) for h in state["history"]], copy.deepcopy(state["best"])
+        self.history, self.best = state["history"], state["best"]
 
 
 class GeneratorTrainer:
@@ -490,6 +489,9 @@ class GeneratorTrainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        # a copy: one stage-1 state may seed several stage-2 trainers (the benchmark's variants), and
+        # appending to it would leak one variant's selection history and curves into the next
+        state = copy.deepcopy(state)
         self.load_network_state(state)
         if self.pool is not None and state["pool"] is not None:
             self.pool.load_state_dict(state["pool"])
@@ -497,9 +499,7 @@ class GeneratorTrainer:
             self.selector.load_state_dict(state["selector"])
         self.chosen = dict(state.get("chosen", {}))
         self.rng.set_state(state["rng"])
-        # copies, as for the selector: appending to a shared stage-1 state would leak into the next variant
-        self.step = state["step"]
-        self.curves, self.window = copy.deepcopy(state["curves"]), copy.deepcopy(state["window"])
+        self.step, self.curves, self.window = state["step"], state["curves"], state["window"]
         self.seconds, self.stage1_grid = list(state["seconds"]), state["stage1_grid"]
 
 
@@ -574,20 +574,23 @@ def train_generator(
     return trainer
 
 
+def selection_record(trainer: GeneratorTrainer) -> dict:
+    """The held-out selection for a manifest: every score and the step chosen per stage ({} without one)."""
+    if trainer.selector is None:
+        return {}
+    return {
+        "held_out_per_class": trainer.config.select_per_class,
+        "every": trainer.config.select_every,
+        "history": trainer.selector.history,
+        "chosen": trainer.chosen,
+    }
+
+
 def _summary(trainer: GeneratorTrainer) -> dict:
     config, s1, s2 = trainer.config, trainer.seconds[0], trainer.seconds[1]
     done1 = min(trainer.step, config.stage1_steps)
     done2 = trainer.step - done1
-    selection = {}
-    if trainer.selector is not None:
-        selection = {
-            "selection": {
-                "held_out_per_class": config.select_per_class,
-                "every": config.select_every,
-                "history": trainer.selector.history,
-                "chosen": trainer.chosen,
-            }
-        }
+    selection = selection_record(trainer)
     return {
         "loss_curves": trainer.curves,
         "stage1_steps": config.stage1_steps,
@@ -601,7 +604,7 @@ def _summary(trainer: GeneratorTrainer) -> dict:
         "pool_draws": trainer.pool.draws if trainer.pool is not None else 0,
         "resumed_from": trainer.resumed_from,
         "steps_done": trainer.step,
-        **selection,
+        **({"selection": selection} if selection else {}),
         **({"stopped_early": trainer.stopped_early} if trainer.stopped_early else {}),
     }
 
