@@ -171,8 +171,31 @@ class DistillNet(nn.Module):
 # ConvNet-D (ConvNet-3 by default): the standard dataset-distillation network
 
 
+class AvgPool2x2(nn.AvgPool2d):
+    """``nn.AvgPool2d(2)`` (same values, same floor on odd sides) with a faster no-grad CPU path.
+
+    aten's NCHW CPU kernel is slow on ConvNet's activations (1.2 ms for 16 x 128 x 28 x 28, 14x its
+    channels_last kernel); without autograd four strided adds do it in a third of the time. With
+    autograd their backward is slower than aten's, so aten keeps that path (and GPUs, and NHWC).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dim() != 4 or (torch.is_grad_enabled() and x.requires_grad):
+            return super().forward(x)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            return super().forward(x)
+        h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+        total = x[..., 0:h:2, 0:w:2] + x[..., 1:h:2, 0:w:2]
+        total += x[..., 0:h:2, 1:w:2]
+        total += x[..., 1:h:2, 1:w:2]
+        return total.mul_(0.25)
+
+
 def _conv_block(cin: int, cout: int, norm: str, pooling: str) -> nn.Sequential:
-    pool = {"avg": nn.AvgPool2d(2), "max": nn.MaxPool2d(2), "none": nn.Identity()}.get(pooling)
+    pool = {"avg": AvgPool2x2(), "max": nn.MaxPool2d(2), "none": nn.Identity()}.get(pooling)
     if pool is None:
         raise ConfigError(f"unknown pooling {pooling!r}; use avg, max or none")
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), make_norm(norm, cout), nn.ReLU(inplace=True), pool)

@@ -52,11 +52,12 @@ networks.ConvNet.embed = embed
 sys.argv[0] = "main_DM.py"
 runpy.run_path("main_DM.py", run_name="__main__")
 """
-# the DM defaults before issue 12 (padded 28 -> 32 px psi, NCHW) and what each change adds
+# the DM defaults before issue 12 (padded 28 -> 32 px psi, NCHW, whole real batch) and what each change adds
 VARIANTS = {
-    "before (psi on 32 px, NCHW)": {"embed_fit": "pad", "channels_last": False},
-    "psi on the images' own size": {"embed_fit": "floor", "channels_last": False},
-    "default (+ channels_last)": {},
+    "before (psi on 32 px, NCHW)": {"embed_fit": "pad", "channels_last": False, "real_chunk": 0},
+    "psi on the images' own size": {"embed_fit": "floor", "channels_last": False, "real_chunk": 0},
+    "+ channels_last (earlier default)": {"channels_last": True, "real_chunk": 0},
+    "NCHW, real forward in chunks of 32 (default)": {},
 }
 
 

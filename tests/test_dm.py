@@ -77,6 +77,30 @@ def test_batching_over_classes_and_memory_layout_do_not_change_the_gradient(digi
     assert torch.allclose(off, on, rtol=1e-4, atol=1e-5)
 
 
+def test_chunked_real_forward_gives_the_whole_batch_gradient(digits):
+    # 8 real images per class in chunks of 3 (a ragged last chunk), each chunk augmented by the class's transform
+    task = make_task(digits, 2, pipc=8, seed=0, progress=False)
+    whole, chunked = (_gradient(digits, task, DMConfig(real_chunk=n)) for n in (0, 3))
+    assert whole.abs().sum() > 0 and torch.allclose(whole, chunked, rtol=1e-4, atol=1e-6)
+
+
+def test_real_chunk_is_cache_sized_on_cpus_whole_batch_on_gpus_and_never_splits_batch_statistics(digits):
+    from common.models import build_model
+    from server.methods.dm import per_sample, resolve_real_chunk
+
+    assert resolve_real_chunk(-1, torch.device("cpu")) == 32 and resolve_real_chunk(-1, torch.device("cuda")) == 0
+    assert resolve_real_chunk(5, torch.device("cuda")) == 5
+    task = make_task(digits, 2, pipc=8, seed=0, progress=False)
+    objective = DMLoss(task, DMConfig(real_chunk=3))
+    assert per_sample(objective.network(0))  # instance norm: chunks give the same mean
+    bn = build_model("convnet3", 1, 10, 8, norm="batchnorm").train().requires_grad_(False)
+    real = digits.train.images[:8]
+    assert not per_sample(bn)
+    assert torch.allclose(objective.real_embedding_mean(bn, real, None), bn.embed(real).mean(0), atol=1e-6)
+    with pytest.raises(ConfigError, match="real_chunk"):
+        DMConfig(real_chunk=-2)
+
+
 def test_cli_dm_writes_loss_curve_and_grid(tmp_path):
     from common.cli import main
 

@@ -45,3 +45,19 @@ def test_bad_model_requests_are_config_errors():
         build_model("convnet3", 3, 10, 32).features(torch.zeros(1, 3, 32, 32), "layer9")
     with pytest.raises(ConfigError, match="norm"):
         build_model("convnet3", 3, 10, 32, norm="fancy")
+
+
+@pytest.mark.parametrize("size", [28, 14, 7, 3])
+def test_convnet_pooling_fast_path_equals_avg_pool_in_every_layout_and_with_autograd(size):
+    from common.models import AvgPool2x2
+
+    pool, x = AvgPool2x2(), torch.randn(3, 4, size, size)
+    expected = torch.nn.functional.avg_pool2d(x, 2)  # floors odd sides: 7 -> 3
+    with torch.no_grad():
+        assert torch.allclose(pool(x), expected, atol=1e-6)  # the strided-add path
+        assert torch.allclose(pool(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-6)
+    leaf = x.clone().requires_grad_(True)
+    pool(leaf).sum().backward()
+    ones = torch.zeros_like(x)
+    ones[..., : size // 2 * 2, : size // 2 * 2] = 0.25
+    assert torch.equal(leaf.grad, ones)
