@@ -4,7 +4,9 @@
         --rounds 4 --local-epochs 2 --ipcs 1,10 --pipcs 50,10 --iterations 1000 --runs 3 --quick \\
         --out runs/bench-dkkt-cifar10
 
-Three phases, each resumable (finished cells are kept in ``--out`` and skipped on a rerun):
+Three phases, each resumable (finished cells are kept in ``--out`` and skipped on a rerun; a dm,
+dsv or dm+dkkt cell cut mid-distillation continues from its checkpoint in ``--out/work``, at most
+100 iterations back, to the set an uncut run gives):
 
 1. **federation**: a simulated fleet (``--clients``, Dirichlet(``--alpha``) label skew, the
    largest pipc carved out as the server's public subset) trains the global model; or pass
@@ -29,6 +31,7 @@ import argparse
 import dataclasses
 import io
 import json
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -223,6 +226,26 @@ def choose(scores: list[dict]) -> dict:
     return {**best, "lead_over_dm": lead(dm), "lead_over_runner_up": lead(runner_up)}
 
 
+RESUMABLE = ("dm", "dsv", "dm+dkkt")  # one pixel loop each: a cell cut mid-run continues from its checkpoint
+CHECKPOINT_EVERY = 100  # iterations a cut cell can lose
+
+
+def cell_workdir(out: Path, *parts) -> Path:
+    """Where one table or sweep cell keeps its checkpoint while it runs (removed once it is cached)."""
+    name = "-".join(str(p) for p in parts)
+    return out / "work" / "".join(ch if ch.isalnum() or ch in "+-_." else "_" for ch in name)
+
+
+def resumable(task, method: str, options: dict, workdir: Path | None) -> tuple:
+    """The task and options of a cell that checkpoints into ``workdir`` every CHECKPOINT_EVERY iterations and
+    continues from the checkpoint a cut run left (the continued run equals an uncut one: tested)."""
+    if workdir is None or method not in RESUMABLE:
+        return task, options
+    workdir.mkdir(parents=True, exist_ok=True)
+    resume = (workdir / f"{method}-checkpoint.pt").exists()
+    return replace(task, workdir=workdir), {**options, "checkpoint_every": CHECKPOINT_EVERY, "resume": resume}
+
+
 REUSED_PARTS = ("dm", "dsv")  # the runs dsv-dm-avg averages: kept per table cell in --out/sets
 
 
@@ -259,8 +282,11 @@ def averaged_from_kept(sets: Path, options: dict) -> tuple[torch.Tensor, torch.T
     return (dm["images"] + dsv["images"]) / 2, dm["labels"], dm["seconds"] + dsv["seconds"]
 
 
-def run_cell(data, task, method, options, test: Split, args, config, device, sets: Path | None = None) -> dict:
-    """Distil (or, for dsv-dm-avg, average the kept dm and dsv sets of ``sets``) and evaluate."""
+def run_cell(
+    data, task, method, options, test: Split, args, config, device, sets: Path | None = None, work: Path | None = None
+) -> dict:
+    """Distil (or, for dsv-dm-avg, average the kept dm and dsv sets of ``sets``) and evaluate; a cut
+    distillation continues from its checkpoint in ``work`` (see :func:`resumable`)."""
     reused = averaged_from_kept(sets, options) if sets is not None and method == "dsv-dm-avg" else None
     manifest, note = {}, {}
     if reused is not None:
@@ -268,14 +294,18 @@ def run_cell(data, task, method, options, test: Split, args, config, device, set
         note = {"note": "averaged from this cell's dm and dsv sets (what dsv-dm-avg runs, bit for bit)"}
     else:
         started = time.perf_counter()
-        dset = distill(method, task, options)
+        dset = distill(method, *resumable(task, method, options, work))
         distill_s = time.perf_counter() - started
         images, labels, manifest = dset.images, dset.labels, dset.manifest
+        if manifest.get("resumed_from"):
+            note = {"resumed_from": manifest["resumed_from"]}  # distill_seconds: this run's part only
         if sets is not None and method in REUSED_PARTS:
             keep_set(sets, method, dset, options, distill_s)
     result = evaluate_set(
         images, labels, test, data.info, runs=args.runs_now, config=config, seed=args.seed, device=device
     )
+    if work is not None and work.exists():
+        shutil.rmtree(work)
     return {
         "mean": result.mean,
         "std": result.std,
@@ -302,7 +332,9 @@ def sweep_ipc(args, data, ipc: int, candidates: dict, sweep: Cells, model_meta, 
                 continue
             recipe = {k: v for k, v in options.items() if k != "lambda_scale"}
             opts = options_for("dm+dkkt", **recipe, iterations=iterations, lambda_init=options["lambda_scale"] * rule)
-            cell = {**key, "order": order, **run_cell(data, trimmed, "dm+dkkt", opts, val, args, config, device)}
+            work = cell_workdir(Path(args.out), "sweep", f"ipc{ipc}", f"fold{fold}", name)
+            result = run_cell(data, trimmed, "dm+dkkt", opts, val, args, config, device, work=work)
+            cell = {**key, "order": order, **result}
             sweep.add(cell)
             print(f"sweep ipc {ipc} fold {fold} {name}: val {format_accuracy(cell['mean'], cell['std'])}", flush=True)
     return current_choice(args, sweep, candidates, ipc)
@@ -401,7 +433,9 @@ def main(argv=None) -> int:
                 else:
                     sets = out / "sets" / f"pipc{pipc}-ipc{ipc}"
                     opts = options_for(base_method, **more)
-                    cell = {**key, **run_cell(data, task, base_method, opts, data.test, args, config, device, sets)}
+                    work = cell_workdir(out, f"pipc{pipc}", f"ipc{ipc}", method)
+                    result = run_cell(data, task, base_method, opts, data.test, args, config, device, sets, work)
+                    cell = {**key, **result}
                 recipe_name = choice["candidate"] if base_method == "dm+dkkt" and not fixed_w else None
                 cells.add({**cell, "options": cell.get("options", more), "recipe": recipe_name})
                 print(

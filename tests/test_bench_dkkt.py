@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from server.methods.registry import make_task
 from simulations.bench_dkkt import choose, parse_candidates, score_candidates, validation_split
@@ -105,3 +106,36 @@ def test_the_table_averages_the_kept_dm_and_dsv_sets_into_the_same_dsv_dm_avg_ce
     assert "averaged from this cell's dm and dsv sets" in averaged["note"] and "note" not in ran
     assert averaged["accuracies"] == ran["accuracies"]  # the same set, so the same seeded evaluation
     assert (reused / "sets" / "pipc10-ipc1" / "dsv.pt").exists() and not (fresh / "sets").exists()
+
+
+def test_a_cell_cut_mid_distillation_continues_from_its_checkpoint_to_the_uncut_result(digits, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from common.commands import eval_config_from_args
+    from simulations import bench_dkkt
+    from simulations.time_dm import global_model_stand_in
+
+    monkeypatch.setattr(bench_dkkt, "CHECKPOINT_EVERY", 4)
+    args = bench_dkkt.parse_args(["--dataset", "digits", "--epochs", "2", "--device", "cpu", "--out", str(tmp_path)])
+    args.runs_now, config, device = 1, eval_config_from_args(args), torch.device("cpu")
+    task = make_task(digits, 1, pipc=10, seed=0, progress=False)
+    model = str(global_model_stand_in(task, tmp_path / "model"))
+    options = {"global_model": model, "w_kkt": 10.0, "iterations": 10, "log_every": 1}
+
+    def cell(task, work):
+        return bench_dkkt.run_cell(digits, task, "dm+dkkt", options, digits.test, args, config, device, work=work)
+
+    uncut = cell(task, tmp_path / "uncut")
+
+    def cut_at_6(done, total, loss):
+        if done == 6:
+            raise KeyboardInterrupt  # the session ends mid-cell
+
+    work = bench_dkkt.cell_workdir(tmp_path, "pipc10", "ipc1", "dm+dkkt")
+    with pytest.raises(KeyboardInterrupt):
+        cell(replace(task, on_progress=cut_at_6), work)
+    assert (work / "dm+dkkt-checkpoint.pt").exists()
+    continued = cell(task, work)
+    assert continued["resumed_from"] == 4 and "resumed_from" not in uncut
+    assert continued["accuracies"] == uncut["accuracies"]  # the same set, so the same seeded evaluation
+    assert not work.exists() and not (tmp_path / "uncut").exists()  # removed once the cell is done
