@@ -49,6 +49,7 @@ from common.subsets import held_out_fold
 from server.federation.rounds import RoundPlan, method_options
 from server.methods.dkkt import lambda_from_weight_decay
 from server.methods.dsv import averaged_runs
+from server.methods.pixel_loop import checkpoint_path
 from server.methods.registry import distill, make_config, make_task, option_names, parse_options
 
 METHODS = "random,herding,dm,dsv,dm+dkkt,dm+dkkt@1,dsv-dm-avg"
@@ -242,7 +243,7 @@ def resumable(task, method: str, options: dict, workdir: Path | None) -> tuple:
     if workdir is None or method not in RESUMABLE:
         return task, options
     workdir.mkdir(parents=True, exist_ok=True)
-    resume = (workdir / f"{method}-checkpoint.pt").exists()
+    resume = checkpoint_path(workdir, method).exists()
     return replace(task, workdir=workdir), {**options, "checkpoint_every": CHECKPOINT_EVERY, "resume": resume}
 
 

@@ -23,7 +23,7 @@ from common.errors import ConfigError
 from common.runtime import derive_seed, make_generator
 from server.methods.dkkt import DKKTLoss, DKKTOptions, WeightSchedule
 from server.methods.dm import DMConfig, DMLoss, dm_optimizer, initial_images, job_identity, loop_settings, run_dm
-from server.methods.pixel_loop import optimise_pixels
+from server.methods.pixel_loop import checkpoint_path, optimise_pixels
 from server.methods.recipes import apply_recipe, check_recipe
 from server.methods.registry import DistillTask, MethodOutput, register_method
 
@@ -129,10 +129,10 @@ def dsv_start(task: DistillTask, config: DMDKKTConfig) -> tuple[torch.Tensor, to
     if not config.init_dsv_iterations:
         return images, labels, None
     workdir = Path(task.workdir) if task.workdir else None
-    if config.resume and workdir and (workdir / "dm+dkkt-checkpoint.pt").exists():
+    if config.resume and workdir and checkpoint_path(workdir, "dm+dkkt").exists():
         return images, labels, {"skipped": "resumed: the images come from the dm+dkkt checkpoint"}
     dsv = _pick(config, DSVConfig, iterations=config.init_dsv_iterations, lr_img=config.init_dsv_lr, init="real")
-    if config.resume and not (workdir and (workdir / "dsv-checkpoint.pt").exists()):
+    if config.resume and not (workdir and checkpoint_path(workdir, "dsv").exists()):
         dsv = replace(dsv, resume=False)  # a run shorter than one checkpoint interval leaves none: redo it
     out = run_dsv(task, dsv, images, labels)
     return out.images, labels, {k: v for k, v in out.extra.items() if k != "loss_curve"}

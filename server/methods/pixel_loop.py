@@ -63,6 +63,11 @@ class LoopSettings:
         return replace(self, time_limit=max(self.time_limit - spent, 1e-9))
 
 
+def checkpoint_path(workdir: Path | str, label: str) -> Path:
+    """Where the loop labelled ``label`` keeps its checkpoint in a task's workdir."""
+    return Path(workdir) / f"{label}-checkpoint.pt"
+
+
 def slices_of(counts: dict[int, int]) -> dict[int, slice]:
     """Where each class's synthetic images sit in the concatenated tensor (class order of ``counts``)."""
     slices, start = {}, 0
@@ -84,7 +89,7 @@ def optimise_pixels(
     """Run the loop; returns the optimised images (CPU) and the manifest extras."""
     syn = images.to(task.device).clone().requires_grad_(True)
     optimizer = optimizer_factory(syn)
-    ckpt_path = Path(task.workdir) / f"{label}-checkpoint.pt" if task.workdir else None
+    ckpt_path = checkpoint_path(task.workdir, label) if task.workdir else None
     first, curve, window, seconds = 0, [], [], 0.0
     term_curves: dict[str, list] = {t.name: [] for t in terms}
     term_window: dict[str, list[float]] = {t.name: [] for t in terms}
