@@ -362,3 +362,42 @@ def test_a_task_takes_the_recipe_swept_at_the_nearest_ipc(monkeypatch):
     monkeypatch.setitem(recipes.VALIDATED, "two-recipes", [one, ten])
     assert [recipes.recipe_for("two-recipes", ipc) for ipc in (1, 3, 8, 50)] == [one, one, ten, ten]
     assert recipes.recipe_for("none-measured", 10) is None
+
+
+@pytest.mark.parametrize("stop_at", [(4, 3), (6, 1)], ids=["during-the-dsv-start", "before-dm+dkkts-first-checkpoint"])
+def test_a_dm_dkkt_run_stopped_in_or_just_after_its_dsv_start_resumes_to_the_uninterrupted_result(
+    digits, digits_model, tmp_path, stop_at
+):
+    """Stopped there, the workdir holds the DSV start's checkpoint but none of dm+dkkt's own (the job
+    service then claims the job again with resume on): the start continues, the main loop begins fresh."""
+    from server.methods.registry import Cancelled
+
+    options = {
+        "iterations": 6,
+        "init_dsv_iterations": 4,
+        "checkpoint_every": 2,
+        "log_every": 1,
+        "batch_real": 8,
+        "global_model": str(digits_model),
+    }
+
+    def task(workdir):
+        return make_task(digits, 1, pipc=10, seed=3, progress=False, workdir=workdir)
+
+    whole = distill("dm+dkkt", task(tmp_path / "whole"), options)
+    cut = task(tmp_path / "cut")
+    cut.on_progress = lambda done, total, loss: (total, done) != stop_at  # False cancels the run there
+    with pytest.raises(Cancelled):
+        distill("dm+dkkt", cut, options)
+    assert (tmp_path / "cut" / "dsv-checkpoint.pt").exists()
+    assert not (tmp_path / "cut" / "dm+dkkt-checkpoint.pt").exists()
+    resumed = distill("dm+dkkt", task(tmp_path / "cut"), {**options, "resume": True})
+    assert torch.equal(resumed.images, whole.images)
+    assert resumed.manifest["resumed_from"] is None and resumed.manifest["iterations"] == 6
+
+
+def test_resume_without_any_checkpoint_of_a_dsv_started_run_names_the_fix(digits, digits_model, tmp_path):
+    task = make_task(digits, 1, pipc=10, seed=3, progress=False, workdir=tmp_path)
+    options = {"iterations": 2, "init_dsv_iterations": 2, "resume": True, "global_model": str(digits_model)}
+    with pytest.raises(ConfigError, match="no DM\\+DKKT or DSV checkpoint .* run without --resume"):
+        distill("dm+dkkt", task, options)

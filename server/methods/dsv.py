@@ -131,9 +131,8 @@ def dsv_start(task: DistillTask, config: DMDKKTConfig) -> tuple[torch.Tensor, to
     workdir = Path(task.workdir) if task.workdir else None
     if config.resume and workdir and checkpoint_path(workdir, "dm+dkkt").exists():
         return images, labels, {"skipped": "resumed: the images come from the dm+dkkt checkpoint"}
+    # resuming here means main_loop_resumes found the start's checkpoint
     dsv = _pick(config, DSVConfig, iterations=config.init_dsv_iterations, lr_img=config.init_dsv_lr, init="real")
-    if config.resume and not (workdir and checkpoint_path(workdir, "dsv").exists()):
-        dsv = replace(dsv, resume=False)  # a run shorter than one checkpoint interval leaves none: redo it
     out = run_dsv(task, dsv, images, labels)
     return out.images, labels, {k: v for k, v in out.extra.items() if k != "loss_curve"}
 
@@ -146,8 +145,23 @@ def dsv_seconds(summary: dict | None) -> float:
     return float(summary.get("seconds_per_iteration") or 0.0) * int(summary.get("iterations_this_run") or 0)
 
 
+def main_loop_resumes(task: DistillTask, config: DMDKKTConfig) -> bool:
+    """Whether dm+dkkt's own loop continues from its checkpoint. A run stopped during its DSV start
+    (or before the main loop's first checkpoint) left only the start's checkpoint: the start
+    continues from it and the main loop begins fresh."""
+    if not (config.resume and config.init_dsv_iterations and task.workdir):
+        return config.resume
+    workdir = Path(task.workdir)
+    if checkpoint_path(workdir, "dm+dkkt").exists():
+        return True
+    if checkpoint_path(workdir, "dsv").exists():
+        return False
+    raise ConfigError(f"--resume: no DM+DKKT or DSV checkpoint in {workdir}; run without --resume to start fresh")
+
+
 def run_dm_dkkt(task: DistillTask, config: DMDKKTConfig, on_iteration=None) -> MethodOutput:
     config.check("dm+dkkt")
+    resume_main = main_loop_resumes(task, config)
     images, labels, dsv_summary = dsv_start(task, config)
     dm = DMLoss(task, config)
     terms = [dm]
@@ -161,7 +175,7 @@ def run_dm_dkkt(task: DistillTask, config: DMDKKTConfig, on_iteration=None) -> M
         images,
         dm_optimizer(config),
         terms,
-        loop_settings(config).after(dsv_seconds(dsv_summary)),
+        replace(loop_settings(config), resume=resume_main).after(dsv_seconds(dsv_summary)),
         job_identity("dm+dkkt", task, config),
         on_iteration,
     )
