@@ -399,5 +399,33 @@ def test_a_dm_dkkt_run_stopped_in_or_just_after_its_dsv_start_resumes_to_the_uni
 def test_resume_without_any_checkpoint_of_a_dsv_started_run_names_the_fix(digits, digits_model, tmp_path):
     task = make_task(digits, 1, pipc=10, seed=3, progress=False, workdir=tmp_path)
     options = {"iterations": 2, "init_dsv_iterations": 2, "resume": True, "global_model": str(digits_model)}
-    with pytest.raises(ConfigError, match="no DM\\+DKKT or DSV checkpoint .* run without --resume"):
+    with pytest.raises(ConfigError, match="no DSV or DM\\+DKKT checkpoint .* run without --resume"):
         distill("dm+dkkt", task, options)
+
+
+def test_dsv_dm_avg_stopped_in_its_dsv_run_before_a_checkpoint_resumes_to_the_uninterrupted_result(
+    digits, digits_model, tmp_path
+):
+    from server.methods.registry import Cancelled
+
+    options = {
+        "iterations": 4,
+        "dsv_iterations": 6,
+        "checkpoint_every": 2,
+        "log_every": 1,
+        "batch_real": 8,
+        "global_model": str(digits_model),
+    }
+
+    def task(workdir):
+        return make_task(digits, 1, pipc=10, seed=4, progress=False, workdir=workdir)
+
+    whole = distill("dsv-dm-avg", task(tmp_path / "whole"), options)
+    cut = task(tmp_path / "cut")
+    cut.on_progress = lambda done, total, loss: (total, done) != (6, 1)  # DSV's first iteration: DM's run is done
+    with pytest.raises(Cancelled):
+        distill("dsv-dm-avg", cut, options)
+    assert (tmp_path / "cut" / "dm-checkpoint.pt").exists() and not (tmp_path / "cut" / "dsv-checkpoint.pt").exists()
+    resumed = distill("dsv-dm-avg", task(tmp_path / "cut"), {**options, "resume": True})
+    assert torch.equal(resumed.images, whole.images)
+    assert resumed.manifest["dm"]["resumed_from"] == 2 and resumed.manifest["dsv"]["resumed_from"] is None

@@ -13,7 +13,6 @@ All take ``--global-model DIR`` (the federated server's global model or any save
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +22,7 @@ from common.errors import ConfigError
 from common.runtime import derive_seed, make_generator
 from server.methods.dkkt import DKKTLoss, DKKTOptions, WeightSchedule
 from server.methods.dm import DMConfig, DMLoss, dm_optimizer, initial_images, job_identity, loop_settings, run_dm
-from server.methods.pixel_loop import checkpoint_path, optimise_pixels
+from server.methods.pixel_loop import optimise_pixels, phases_to_resume
 from server.methods.recipes import apply_recipe, check_recipe
 from server.methods.registry import DistillTask, MethodOutput, register_method
 
@@ -123,16 +122,23 @@ def distill_dsv(task: DistillTask, config: DSVConfig) -> MethodOutput:
     return run_dsv(task, config)
 
 
-def dsv_start(task: DistillTask, config: DMDKKTConfig) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
+def dsv_start(
+    task: DistillTask, config: DMDKKTConfig, resume: dict[str, bool]
+) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
     """dm+dkkt's initial images: the public init, or (``init_dsv_iterations``) a DSV run from it."""
     images, labels = initial_images(task, config.init)
     if not config.init_dsv_iterations:
         return images, labels, None
-    workdir = Path(task.workdir) if task.workdir else None
-    if config.resume and workdir and checkpoint_path(workdir, "dm+dkkt").exists():
+    if resume["dm+dkkt"]:
         return images, labels, {"skipped": "resumed: the images come from the dm+dkkt checkpoint"}
-    # resuming here means main_loop_resumes found the start's checkpoint
-    dsv = _pick(config, DSVConfig, iterations=config.init_dsv_iterations, lr_img=config.init_dsv_lr, init="real")
+    dsv = _pick(
+        config,
+        DSVConfig,
+        iterations=config.init_dsv_iterations,
+        lr_img=config.init_dsv_lr,
+        init="real",
+        resume=resume["dsv"],
+    )
     out = run_dsv(task, dsv, images, labels)
     return out.images, labels, {k: v for k, v in out.extra.items() if k != "loss_curve"}
 
@@ -145,24 +151,11 @@ def dsv_seconds(summary: dict | None) -> float:
     return float(summary.get("seconds_per_iteration") or 0.0) * int(summary.get("iterations_this_run") or 0)
 
 
-def main_loop_resumes(task: DistillTask, config: DMDKKTConfig) -> bool:
-    """Whether dm+dkkt's own loop continues from its checkpoint. A run stopped during its DSV start
-    (or before the main loop's first checkpoint) left only the start's checkpoint: the start
-    continues from it and the main loop begins fresh."""
-    if not (config.resume and config.init_dsv_iterations and task.workdir):
-        return config.resume
-    workdir = Path(task.workdir)
-    if checkpoint_path(workdir, "dm+dkkt").exists():
-        return True
-    if checkpoint_path(workdir, "dsv").exists():
-        return False
-    raise ConfigError(f"--resume: no DM+DKKT or DSV checkpoint in {workdir}; run without --resume to start fresh")
-
-
 def run_dm_dkkt(task: DistillTask, config: DMDKKTConfig, on_iteration=None) -> MethodOutput:
     config.check("dm+dkkt")
-    resume_main = main_loop_resumes(task, config)
-    images, labels, dsv_summary = dsv_start(task, config)
+    # stopped during its DSV start (or before its own first checkpoint), only the start's checkpoint is there
+    resume = phases_to_resume(task, ["dsv", "dm+dkkt"] if config.init_dsv_iterations else ["dm+dkkt"], config.resume)
+    images, labels, dsv_summary = dsv_start(task, config, resume)
     dm = DMLoss(task, config)
     terms = [dm]
     dkkt = None
@@ -175,7 +168,7 @@ def run_dm_dkkt(task: DistillTask, config: DMDKKTConfig, on_iteration=None) -> M
         images,
         dm_optimizer(config),
         terms,
-        replace(loop_settings(config), resume=resume_main).after(dsv_seconds(dsv_summary)),
+        replace(loop_settings(config), resume=resume["dm+dkkt"]).after(dsv_seconds(dsv_summary)),
         job_identity("dm+dkkt", task, config),
         on_iteration,
     )
@@ -209,6 +202,8 @@ def averaged_runs(config: DSVDMAvgConfig) -> tuple[DMConfig, DSVConfig]:
 def distill_dsv_dm_avg(task: DistillTask, config: DSVDMAvgConfig) -> MethodOutput:
     config.check("dsv-dm-avg")
     dm, dsv = averaged_runs(config)
+    resume = phases_to_resume(task, ["dm", "dsv"], config.resume)  # stopped in its DSV run, DM's is there alone
+    dm, dsv = replace(dm, resume=resume["dm"]), replace(dsv, resume=resume["dsv"])
     dm_out = run_dm(task, dm)
     images, labels = initial_images(task, config.init)
     dsv_out = run_dsv(task, dsv, images, labels)

@@ -68,6 +68,18 @@ def checkpoint_path(workdir: Path | str, label: str) -> Path:
     return Path(workdir) / f"{label}-checkpoint.pt"
 
 
+def phases_to_resume(task: DistillTask, labels: list[str], resume: bool) -> dict[str, bool]:
+    """For a method that runs several loops (``labels``), which of them continue from their own
+    checkpoint on ``resume``. A run stopped before a loop's first checkpoint left none for it: that
+    loop begins fresh (the same seed gives the same iterations). With no checkpoint at all,
+    ``--resume`` names the fix."""
+    found = {label: bool(task.workdir) and checkpoint_path(task.workdir, label).exists() for label in labels}
+    if resume and not any(found.values()):
+        names = " or ".join(label.upper() for label in labels)
+        raise ConfigError(f"--resume: no {names} checkpoint in {task.workdir}; run without --resume to start fresh")
+    return {label: resume and there for label, there in found.items()}
+
+
 def slices_of(counts: dict[int, int]) -> dict[int, slice]:
     """Where each class's synthetic images sit in the concatenated tensor (class order of ``counts``)."""
     slices, start = {}, 0
