@@ -364,34 +364,34 @@ def test_a_task_takes_the_recipe_swept_at_the_nearest_ipc(monkeypatch):
     assert recipes.recipe_for("none-measured", 10) is None
 
 
+def stop_and_resume(digits, method: str, options: dict, stop_at: tuple[int, int], tmp_path):
+    """Run ``method`` whole, then again cancelled at ``(total, done)`` of a loop's progress (as a killed job
+    service leaves it) and resumed; returns the whole run, the resumed run and the checkpoints the cut left."""
+    from server.methods.registry import Cancelled
+
+    options = {**options, "checkpoint_every": 2, "log_every": 1, "batch_real": 8}
+
+    def task(workdir):
+        return make_task(digits, 1, pipc=10, seed=3, progress=False, workdir=workdir)
+
+    whole = distill(method, task(tmp_path / "whole"), options)
+    cut = task(tmp_path / "cut")
+    cut.on_progress = lambda done, total, loss: (total, done) != stop_at  # False cancels the run there
+    with pytest.raises(Cancelled):
+        distill(method, cut, options)
+    left = sorted(p.name for p in (tmp_path / "cut").glob("*-checkpoint.pt"))
+    return whole, distill(method, task(tmp_path / "cut"), {**options, "resume": True}), left
+
+
 @pytest.mark.parametrize("stop_at", [(4, 3), (6, 1)], ids=["during-the-dsv-start", "before-dm+dkkts-first-checkpoint"])
 def test_a_dm_dkkt_run_stopped_in_or_just_after_its_dsv_start_resumes_to_the_uninterrupted_result(
     digits, digits_model, tmp_path, stop_at
 ):
     """Stopped there, the workdir holds the DSV start's checkpoint but none of dm+dkkt's own (the job
     service then claims the job again with resume on): the start continues, the main loop begins fresh."""
-    from server.methods.registry import Cancelled
-
-    options = {
-        "iterations": 6,
-        "init_dsv_iterations": 4,
-        "checkpoint_every": 2,
-        "log_every": 1,
-        "batch_real": 8,
-        "global_model": str(digits_model),
-    }
-
-    def task(workdir):
-        return make_task(digits, 1, pipc=10, seed=3, progress=False, workdir=workdir)
-
-    whole = distill("dm+dkkt", task(tmp_path / "whole"), options)
-    cut = task(tmp_path / "cut")
-    cut.on_progress = lambda done, total, loss: (total, done) != stop_at  # False cancels the run there
-    with pytest.raises(Cancelled):
-        distill("dm+dkkt", cut, options)
-    assert (tmp_path / "cut" / "dsv-checkpoint.pt").exists()
-    assert not (tmp_path / "cut" / "dm+dkkt-checkpoint.pt").exists()
-    resumed = distill("dm+dkkt", task(tmp_path / "cut"), {**options, "resume": True})
+    options = {"iterations": 6, "init_dsv_iterations": 4, "global_model": str(digits_model)}
+    whole, resumed, left = stop_and_resume(digits, "dm+dkkt", options, stop_at, tmp_path)
+    assert left == ["dsv-checkpoint.pt"]
     assert torch.equal(resumed.images, whole.images)
     assert resumed.manifest["resumed_from"] is None and resumed.manifest["iterations"] == 6
 
@@ -406,26 +406,8 @@ def test_resume_without_any_checkpoint_of_a_dsv_started_run_names_the_fix(digits
 def test_dsv_dm_avg_stopped_in_its_dsv_run_before_a_checkpoint_resumes_to_the_uninterrupted_result(
     digits, digits_model, tmp_path
 ):
-    from server.methods.registry import Cancelled
-
-    options = {
-        "iterations": 4,
-        "dsv_iterations": 6,
-        "checkpoint_every": 2,
-        "log_every": 1,
-        "batch_real": 8,
-        "global_model": str(digits_model),
-    }
-
-    def task(workdir):
-        return make_task(digits, 1, pipc=10, seed=4, progress=False, workdir=workdir)
-
-    whole = distill("dsv-dm-avg", task(tmp_path / "whole"), options)
-    cut = task(tmp_path / "cut")
-    cut.on_progress = lambda done, total, loss: (total, done) != (6, 1)  # DSV's first iteration: DM's run is done
-    with pytest.raises(Cancelled):
-        distill("dsv-dm-avg", cut, options)
-    assert (tmp_path / "cut" / "dm-checkpoint.pt").exists() and not (tmp_path / "cut" / "dsv-checkpoint.pt").exists()
-    resumed = distill("dsv-dm-avg", task(tmp_path / "cut"), {**options, "resume": True})
+    options = {"iterations": 4, "dsv_iterations": 6, "global_model": str(digits_model)}
+    whole, resumed, left = stop_and_resume(digits, "dsv-dm-avg", options, (6, 1), tmp_path)  # DM's run is done
+    assert left == ["dm-checkpoint.pt"]
     assert torch.equal(resumed.images, whole.images)
     assert resumed.manifest["dm"]["resumed_from"] == 2 and resumed.manifest["dsv"]["resumed_from"] is None
