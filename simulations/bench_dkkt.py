@@ -18,6 +18,8 @@ dsv or dm+dkkt cell cut mid-distillation continues from its checkpoint in ``--ou
    held-out images; a candidate's score is its mean over folds x ``--sweep-runs``, its spread the
    std of the per-fold means. The best mean wins (ties: the earlier candidate); the report says
    by how much it leads DM (w_kkt 0) and the runner-up, in standard errors of the gap paired over folds.
+   ``--recipe validated`` skips this phase and runs the dataset's recipe that an earlier sweep chose
+   (``server/methods/recipes.py``, with its evidence): the test table without the sweep's cost.
 3. **table**: random / herding / dm / dsv / dm+dkkt / dsv-dm-avg for every ipc x pipc, with
    dm+dkkt at the recipe the validation chose for the nearest swept ipc (``dm+dkkt@1``: the
    default recipe at w_kkt 1, for reference), tested on the real test split.
@@ -50,6 +52,7 @@ from server.federation.rounds import RoundPlan, method_options
 from server.methods.dkkt import lambda_from_weight_decay
 from server.methods.dsv import averaged_runs
 from server.methods.pixel_loop import checkpoint_path
+from server.methods.recipes import VALIDATED
 from server.methods.registry import distill, make_config, make_task, option_names, parse_options
 
 METHODS = "random,herding,dm,dsv,dm+dkkt,dm+dkkt@1,dsv-dm-avg"
@@ -83,6 +86,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--sweep-ipcs", default="1,10", help="ipc values swept (each table ipc uses the nearest)")
     p.add_argument("--sweep-pipc", type=int, default=50)
+    p.add_argument(
+        "--recipe",
+        choices=["sweep", "validated"],
+        default="sweep",
+        help="how dm+dkkt's recipe is chosen: sweep now, or the dataset's validated one (server/methods/recipes.py)",
+    )
     p.add_argument("--sweep-iterations", type=int, default=None, help="iterations per sweep run (default --iterations)")
     p.add_argument("--val-folds", type=int, default=2, help="disjoint held-out folds of the public subset")
     p.add_argument("--val-per-class", type=int, default=20, help="held-out public images per class in each fold")
@@ -341,6 +350,24 @@ def sweep_ipc(args, data, ipc: int, candidates: dict, sweep: Cells, model_meta, 
     return current_choice(args, sweep, candidates, ipc)
 
 
+def validated_choices(dataset: str) -> dict[int, dict]:
+    """Per swept ipc, the validated recipe of ``dataset`` in the shape of a sweep's choice."""
+    recipes = VALIDATED.get(dataset)
+    if not recipes:
+        raise SystemExit(f"--recipe validated: no validated recipe for {dataset!r}; run the sweep (--recipe sweep)")
+    return {
+        r.chosen_at["ipc"]: {
+            "candidate": "validated",
+            "options": {**r.options, "lambda_scale": 1.0},
+            "evidence": r.evidence,
+            "chosen_at": r.chosen_at,
+            "lead_over_dm": None,
+            "lead_over_runner_up": None,
+        }
+        for r in recipes
+    }
+
+
 def current_cells(args, sweep: Cells, candidates: dict) -> list[dict]:
     """The sweep cells of today's candidates, folds and budget (older sweeps in the same file are ignored)."""
     iterations = args.sweep_iterations or args.iterations
@@ -381,17 +408,19 @@ def main(argv=None) -> int:
         pinned = {"recipe": "published"} if "recipe" in option_names(method) else {}
         return {**pinned, **method_options(replace(budget, method=method, options=extra), global_model), **more}
 
+    sweep, candidates = Cells(out / "sweep.json"), parse_candidates(args.candidates)
     if args.report:
-        sweep, candidates = Cells(out / "sweep.json"), parse_candidates(args.candidates)
-        chosen = {i: current_choice(args, sweep, candidates, int(i)) for i in args.sweep_ipcs.split(",")}
+        if args.recipe == "validated":
+            chosen = validated_choices(data.info.name)
+        else:
+            chosen = {i: current_choice(args, sweep, candidates, int(i)) for i in args.sweep_ipcs.split(",")}
         chosen = {i: c for i, c in chosen.items() if c is not None}
         return report(args, sweep, Cells(out / "cells.json"), chosen, model_meta, config, device)
 
-    # phase 2: sweep on held-out folds of the public subset, per ipc
-    sweep = Cells(out / "sweep.json")
-    candidates = parse_candidates(args.candidates)
-    best: dict[int, dict] = {}
-    for ipc in [int(i) for i in args.sweep_ipcs.split(",")]:
+    # phase 2: sweep on held-out folds of the public subset, per ipc (or the validated recipe)
+    best: dict[int, dict] = validated_choices(data.info.name) if args.recipe == "validated" else {}
+    sweep_ipcs = [] if args.recipe == "validated" else [int(i) for i in args.sweep_ipcs.split(",")]
+    for ipc in sweep_ipcs:
         best[ipc] = sweep_ipc(args, data, ipc, candidates, sweep, model_meta, options_for, config, device)
         lead = best[ipc]["lead_over_dm"]
         print(
@@ -488,6 +517,8 @@ def report(args, sweep: Cells, cells: Cells, chosen: dict, model_meta: dict, con
             )
 
     def chosen_line(ipc, c: dict) -> str:
+        if c.get("evidence"):
+            return f"ipc {ipc}: the validated recipe {c['options']} ({c['evidence']})"
         leads, named = [], set()
         for lead in (c["lead_over_dm"], c["lead_over_runner_up"]):
             if lead is not None and lead["candidate"] not in named:
@@ -515,7 +546,8 @@ def report(args, sweep: Cells, cells: Cells, chosen: dict, model_meta: dict, con
         f"{args.val_per_class} held-out ones; {args.sweep_runs} runs per fold; mean over all runs, "
         f"± std of the fold means):\n\n"
         f"{markdown_table(['ipc', 'recipe', 'options', 'folds', 'validation acc %', 's / iteration'], sweep_rows)}\n\n"
-        f"chosen on validation: {chosen_text}; "
+        f"{'validated recipe, not swept in this run' if args.recipe == 'validated' else 'chosen on validation'}: "
+        f"{chosen_text}; "
         f"peak memory {peak_memory_mib(device):.0f} MiB\n"
     )
     print("\n" + text)

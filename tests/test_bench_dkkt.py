@@ -139,3 +139,24 @@ def test_a_cell_cut_mid_distillation_continues_from_its_checkpoint_to_the_uncut_
     assert continued["resumed_from"] == 4 and "resumed_from" not in uncut
     assert continued["accuracies"] == uncut["accuracies"]  # the same set, so the same seeded evaluation
     assert not work.exists() and not (tmp_path / "uncut").exists()  # removed once the cell is done
+
+
+def test_recipe_validated_skips_the_sweep_and_runs_the_datasets_validated_recipe(tmp_path):
+    from common.cli import main
+    from common.report import Cells
+    from server.methods.recipes import VALIDATED
+    from simulations import bench_dkkt
+
+    model = tmp_path / "model"
+    assert main(["train", "--dataset", "digits", "--epochs", "1", "--device", "cpu", "--out", str(model)]) == 0
+    args = ["--dataset", "digits", "--global-model", str(model), "--ipcs", "1", "--pipcs", "10", "--methods", "dm+dkkt"]
+    args += ["--recipe", "validated", "--iterations", "2", "--runs", "1", "--epochs", "2", "--device", "cpu"]
+    assert bench_dkkt.main([*args, "--out", str(tmp_path / "out")]) == 0
+
+    assert Cells(tmp_path / "out" / "sweep.json").done == []
+    cell = Cells(tmp_path / "out" / "cells.json").get({"method": "dm+dkkt", "ipc": 1, "pipc": 10})
+    digits_recipe = VALIDATED["digits"][0].options
+    assert cell["recipe"] == "validated" and {k: cell["options"][k] for k in digits_recipe} == digits_recipe
+    assert "validated recipe, not swept in this run" in (tmp_path / "out" / "table.md").read_text()
+    with pytest.raises(SystemExit, match="no validated recipe for 'mnist'; run the sweep"):
+        bench_dkkt.validated_choices("mnist")
