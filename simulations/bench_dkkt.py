@@ -443,8 +443,6 @@ def main(argv=None) -> int:
             m_images = sum(task.counts.values())
             for method in methods:
                 key = {"method": method, "ipc": ipc, "pipc": pipc}
-                if cells.get(key) is not None:
-                    continue
                 base_method, _, fixed_w = method.partition("@")  # dm+dkkt@1: w_kkt fixed at 1, not chosen
                 more = {}
                 if base_method == "dm+dkkt":
@@ -453,6 +451,11 @@ def main(argv=None) -> int:
                     scale = recipe.pop("lambda_scale")
                     rule = lambda_from_weight_decay(m_images, model_meta["weight_decay"])
                     more = {**recipe, "lambda_init": scale * rule}
+                cached = cells.get({**key, "options": more})
+                if cached is not None:  # a cell of another recipe (the choice moved since it ran) is not reused
+                    if newest(cells, key) is not cached:
+                        cells.add(cached)  # the choice moved back: the report reads the newest cell of a key
+                    continue
                 same_as_dm = cells.get({"method": "dm", "ipc": ipc, "pipc": pipc})
                 chosen_cell = cells.get({"method": "dm+dkkt", "ipc": ipc, "pipc": pipc})
                 if base_method == "dm+dkkt" and more["w_kkt"] == 0 and same_as_dm is not None:
@@ -467,13 +470,18 @@ def main(argv=None) -> int:
                     result = run_cell(data, task, base_method, opts, data.test, args, config, device, sets, work)
                     cell = {**key, **result}
                 recipe_name = choice["candidate"] if base_method == "dm+dkkt" and not fixed_w else None
-                cells.add({**cell, "options": cell.get("options", more), "recipe": recipe_name})
+                cells.add({**cell, "options": more, "recipe": recipe_name})
                 print(
                     f"pipc {pipc:>3} ipc {ipc:>3} {method:>10}: {format_accuracy(cell['mean'], cell['std'])}",
                     flush=True,
                 )
 
     return report(args, sweep, cells, best, model_meta, config, device)
+
+
+def newest(cells: Cells, key: dict) -> dict | None:
+    """The last cell added under ``key`` (the one the report shows)."""
+    return next((c for c in reversed(cells.done) if all(c.get(k) == v for k, v in key.items())), None)
 
 
 def report(args, sweep: Cells, cells: Cells, chosen: dict, model_meta: dict, config, device) -> int:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from common.report import Cells
 from server.methods.registry import make_task
 from simulations.bench_dkkt import choose, parse_candidates, score_candidates, validation_split
 
@@ -160,3 +163,27 @@ def test_recipe_validated_skips_the_sweep_and_runs_the_datasets_validated_recipe
     assert "validated recipe, not swept in this run" in (tmp_path / "out" / "table.md").read_text()
     with pytest.raises(SystemExit, match="no validated recipe for 'mnist'; run the sweep"):
         bench_dkkt.validated_choices("mnist")
+
+
+def test_a_table_cell_of_a_recipe_the_validation_no_longer_chooses_is_re_run_not_reused(tmp_path):
+    from common.cli import main
+    from simulations import bench_dkkt
+
+    model = tmp_path / "model"
+    assert main(["train", "--dataset", "digits", "--epochs", "1", "--device", "cpu", "--out", str(model)]) == 0
+    args = ["--dataset", "digits", "--global-model", str(model), "--ipcs", "1", "--pipcs", "10", "--methods", "dm+dkkt"]
+    args += ["--sweep-ipcs", "1", "--sweep-pipc", "10", "--val-folds", "1", "--val-per-class", "3", "--iterations", "2"]
+    args += ["--runs", "1", "--sweep-runs", "1", "--epochs", "2", "--device", "cpu", "--out", str(tmp_path / "out")]
+
+    def table_cell(candidates: str) -> dict:
+        assert bench_dkkt.main([*args, "--candidates", candidates]) == 0
+        results = json.loads((tmp_path / "out" / "results.json").read_text())
+        return bench_dkkt.newest(Cells(tmp_path / "out" / "cells.json"), {"method": "dm+dkkt"}), results
+
+    first, _ = table_cell("w1: w_kkt=1")
+    moved, results = table_cell("w3: w_kkt=3")  # the same --out: the sweep now chooses another recipe
+    assert (first["recipe"], first["options"]["w_kkt"]) == ("w1", 1.0)
+    assert (moved["recipe"], moved["options"]["w_kkt"]) == ("w3", 3.0)
+    assert [c["options"]["w_kkt"] for c in results["cells"]] == [1.0, 3.0]
+    back, _ = table_cell("w1: w_kkt=1")  # chosen again: its cell is reused and is the one the report shows
+    assert back == first and len(Cells(tmp_path / "out" / "cells.json").done) == 3
