@@ -330,15 +330,21 @@ def allocate_main(args: argparse.Namespace) -> int:
     features, description = class_embeddings(task, config)
     allocation = allocation_of_features(task, features, config, description)
     print(allocation_table(allocation, data.info.class_names))
-    print(f"budget {sum(allocation.counts.values())} = ipc {args.ipc} x {data.info.num_classes} classes; "
-          f"criterion {config.criterion}; embedded with {description}")
+    print(
+        f"budget {sum(allocation.counts.values())} = ipc {args.ipc} x {data.info.num_classes} classes; "
+        f"criterion {config.criterion}; embedded with {description}"
+    )
     if args.out:
         out = Path(args.out)
         record = {"dataset": args.dataset, "ipc": args.ipc, "pipc": task.pipc, "seed": args.seed}
         record.update(allocation.to_dict())
         atomic_write_json(out / "allocation.json", record)
         save_embedding_picture(
-            out / "embedding.png", features, task.real.labels.numpy(), allocation.chosen_k, args.seed,
+            out / "embedding.png",
+            features,
+            task.real.labels.numpy(),
+            allocation.chosen_k,
+            args.seed,
             title=f"{data.info.name}: class embeddings (colour: class, marker: K-means cluster)",
         )
         print(f"wrote {out / 'allocation.json'} (use it with 'generate --per-class') and {out / 'embedding.png'}")

@@ -73,8 +73,9 @@ def main(argv=None) -> int:
     generators = GeneratorCache(options.get("generator", {}))
     for dataset in [d for d in args.datasets.split(",") if d]:
         data = load_dataset(dataset, data_root=args.data_root)
-        fixed = make_task(data, args.ipc, args.pipc, seed=args.seed, device=device, dataset_spec=dataset,
-                          progress=False)
+        fixed = make_task(
+            data, args.ipc, args.pipc, seed=args.seed, device=device, dataset_spec=dataset, progress=False
+        )
         features, described = None, ""
         tasks = {"fixed": fixed}
         for criterion in criteria:
@@ -85,8 +86,15 @@ def main(argv=None) -> int:
             tasks[f"adaptive-{criterion}"] = with_allocation(fixed, allocation)
         for method in methods:
             for label, task in tasks.items():
-                key = {"dataset": dataset, "method": method, "allocation": label, "ipc": args.ipc,
-                       "pipc": args.pipc, "epochs": config.epochs, "runs": args.runs}
+                key = {
+                    "dataset": dataset,
+                    "method": method,
+                    "allocation": label,
+                    "ipc": args.ipc,
+                    "pipc": args.pipc,
+                    "epochs": config.epochs,
+                    "runs": args.runs,
+                }
                 if cells.get(key):
                     continue
                 counts = [task.counts[c] for c in range(data.info.num_classes)]
@@ -101,12 +109,29 @@ def main(argv=None) -> int:
                     dset = distill(method, task, options.get(method, {}))
                     images, labels = dset.images, dset.labels
                 distill_s = time.perf_counter() - started
-                result = evaluate_set(images, labels, data.test, data.info, arch=args.model, runs=args.runs,
-                                      config=config, seed=args.seed, device=device, workers=args.workers)
+                result = evaluate_set(
+                    images,
+                    labels,
+                    data.test,
+                    data.info,
+                    arch=args.model,
+                    runs=args.runs,
+                    config=config,
+                    seed=args.seed,
+                    device=device,
+                    workers=args.workers,
+                )
                 print(f"{dataset} {method} {label}: {result} counts {counts} (distill {distill_s:.0f} s)", flush=True)
-                cells.add({**key, "counts": counts, "chosen_k": (task.allocation or {}).get("chosen_k"),
-                           "embedding_model": (task.allocation or {}).get("embedding_model"),
-                           "distill_seconds": round(distill_s, 1), **result.to_dict()})
+                cells.add(
+                    {
+                        **key,
+                        "counts": counts,
+                        "chosen_k": (task.allocation or {}).get("chosen_k"),
+                        "embedding_model": (task.allocation or {}).get("embedding_model"),
+                        "distill_seconds": round(distill_s, 1),
+                        **result.to_dict(),
+                    }
+                )
     text = report(cells, args, config.epochs, options)
     print("\n" + text)
     atomic_write_bytes(out / "table.md", text.encode())
@@ -121,17 +146,26 @@ def report(cells: Cells, args, epochs: int, options: dict) -> str:
             continue
         row = [cell["dataset"], cell["method"]]
         for label in labels:
-            found = cells.get({k: cell[k] for k in ("dataset", "method", "ipc", "pipc", "epochs", "runs")}
-                              | {"allocation": label})
+            found = cells.get(
+                {k: cell[k] for k in ("dataset", "method", "ipc", "pipc", "epochs", "runs")} | {"allocation": label}
+            )
             text = format_accuracy(found["mean"], found["std"]) if found else "not run"
             row.append(text + (" (= fixed)" if found and found.get("same_as_fixed") else ""))
         rows.append(row)
     for cell in cells.done:
         if cell["method"] == cells.done[0]["method"] and cell["allocation"] != "fixed":
-            count_rows.append([cell["dataset"], cell["allocation"], " ".join(map(str, cell["counts"])),
-                               " ".join(map(str, cell["chosen_k"] or []))])
-    header = (f"ipc {args.ipc} (budget ipc x classes), pipc {args.pipc}, {args.model} evaluation, {epochs}-epoch "
-              f"protocol, {args.runs} runs; options {options}")
+            count_rows.append(
+                [
+                    cell["dataset"],
+                    cell["allocation"],
+                    " ".join(map(str, cell["counts"])),
+                    " ".join(map(str, cell["chosen_k"] or [])),
+                ]
+            )
+    header = (
+        f"ipc {args.ipc} (budget ipc x classes), pipc {args.pipc}, {args.model} evaluation, {epochs}-epoch "
+        f"protocol, {args.runs} runs; options {options}"
+    )
     counts = markdown_table(["dataset", "allocation", "counts per class", "chosen k"], count_rows)
     return f"{header}\n\n{markdown_table(['dataset', 'method'] + labels, rows)}\n\n{counts}\n"
 

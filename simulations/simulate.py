@@ -298,9 +298,12 @@ def run_simulated_fleet(config, clients: int, cpus_per_client: float = 1.0, echo
     )
     command = [flower_tool("flwr"), "run", str(PROJECT_ROOT), CONNECTION, "--run-config", str(run_config)]
     command += ["--federation-config", federation, "--stream"]
-    with SimulationLink(home, env), subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
-    ) as run:
+    with (
+        SimulationLink(home, env),
+        subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+        ) as run,
+    ):
         for line in run.stdout:
             echo(line.rstrip("\n"))
     return load_history(out) if (out / "metrics.json").exists() else []

@@ -243,8 +243,9 @@ def save_embedding_picture(
         for j in range(max(1, chosen_k[c])):
             mask = (labels == c) & (clusters == j)
             label = f"class {c} (k={chosen_k[c]})" if j == 0 else None
-            ax.scatter(*points[mask].T, s=9, alpha=0.7, color=colours(c % 10), marker=markers[j % len(markers)],
-                       label=label)
+            ax.scatter(
+                *points[mask].T, s=9, alpha=0.7, color=colours(c % 10), marker=markers[j % len(markers)], label=label
+            )
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     ax.set_title(title or "class embeddings (colour: class, marker: K-means cluster)")
