@@ -161,8 +161,8 @@ def test_recipe_validated_skips_the_sweep_and_runs_the_datasets_validated_recipe
     digits_recipe = VALIDATED["digits"][0].options
     assert cell["recipe"] == "validated" and {k: cell["options"][k] for k in digits_recipe} == digits_recipe
     assert "validated recipe, not swept in this run" in (tmp_path / "out" / "table.md").read_text()
-    with pytest.raises(SystemExit, match="no validated recipe for 'mnist'; run the sweep"):
-        bench_dkkt.validated_choices("mnist")
+    with pytest.raises(SystemExit, match="no validated recipe for 'npz-of-my-own'; run the sweep"):
+        bench_dkkt.validated_choices("npz-of-my-own")
 
 
 def test_a_table_cell_of_a_recipe_the_validation_no_longer_chooses_is_re_run_not_reused(tmp_path):
