@@ -34,6 +34,19 @@ CANDIDATES_28PX = (
     "w30-clean: w_kkt=30,kkt_clean_term=true,kkt_aug_weight=0"
 )
 
+
+def swept_28px(dataset: str, w_kkt: float, evidence: str) -> Recipe:
+    """An un-augmented DKKT recipe the 28-px sweep chose at ipc 1 (global model: 10 clients, Dirichlet 0.5,
+    4 rounds x 2 local epochs)."""
+    command = (
+        f"python -m simulations.bench_dkkt --dataset {dataset} --data-root DATA --clients 10 --alpha 0.5 --rounds 4 "
+        "--local-epochs 2 --ipcs 1 --pipcs 50,10 --sweep-ipcs 1 --sweep-pipc 50 --iterations 1000 --runs 3 "
+        f"--sweep-runs 2 --quick --candidates '{CANDIDATES_28PX}' --stop-after sweep"
+    )
+    options = {"w_kkt": w_kkt, "kkt_clean_term": True, "kkt_aug_weight": 0.0}
+    return Recipe(options, evidence, command, chosen_at={"ipc": 1, "pipc": 50, "iterations": 1000})
+
+
 # per dataset, one recipe per swept ipc; a task takes the recipe of the nearest swept ipc
 VALIDATED: dict[str, list[Recipe]] = {
     "digits": [
@@ -51,39 +64,27 @@ VALIDATED: dict[str, list[Recipe]] = {
         )
     ],
     "mnist": [
-        Recipe(
-            options={"w_kkt": 10.0, "kkt_clean_term": True, "kkt_aug_weight": 0.0},
+        swept_28px(
+            "mnist",
+            w_kkt=10.0,
             evidence=(
                 "ipc 1: validation 86.50 % vs dm 86.13 % (+0.38, 3.0 SE paired over 2 folds of 20 held-out images "
                 "per class: +0.50, +0.25); un-augmented w_kkt 30: 86.38 %. Not yet swept at ipc 10, where it also "
                 "applies: on one fold there, un-augmented w_kkt 10 tied dm (96.00 vs 96.25 %) and the published "
-                "augmented loss at w_kkt 10 lost 2.25 points (94.00 %). Global model 98.71 % (10 clients, "
-                "Dirichlet 0.5, 4 rounds x 2 local epochs)"
+                "augmented loss at w_kkt 10 lost 2.25 points (94.00 %). Global model 98.71 %"
             ),
-            command=(
-                "python -m simulations.bench_dkkt --dataset mnist --data-root DATA --clients 10 --alpha 0.5 "
-                "--rounds 4 --local-epochs 2 --ipcs 1 --pipcs 50,10 --sweep-ipcs 1 --sweep-pipc 50 "
-                f"--iterations 1000 --runs 3 --sweep-runs 2 --quick --candidates '{CANDIDATES_28PX}' --stop-after sweep"
-            ),
-            chosen_at={"ipc": 1, "pipc": 50, "iterations": 1000},
         )
     ],
     "fashion-mnist": [
-        Recipe(
-            options={"w_kkt": 30.0, "kkt_clean_term": True, "kkt_aug_weight": 0.0},
+        swept_28px(
+            "fashion-mnist",
+            w_kkt=30.0,
             evidence=(
                 "ipc 1: validation 71.75 % vs dm 70.63 % (+1.12, 1.8 SE paired over 2 folds of 20 held-out images "
                 "per class: +0.50, +1.75); un-augmented w_kkt 10: 71.13 %. Not yet swept at ipc 10, where it also "
                 "applies: on one fold there, un-augmented w_kkt 10 tied dm (83.75 vs 83.50 %) and the published "
-                "augmented loss at w_kkt 10 lost 4.00 points (79.50 %). Global model 88.39 % (10 clients, "
-                "Dirichlet 0.5, 4 rounds x 2 local epochs)"
+                "augmented loss at w_kkt 10 lost 4.00 points (79.50 %). Global model 88.39 %"
             ),
-            command=(
-                "python -m simulations.bench_dkkt --dataset fashion-mnist --data-root DATA --clients 10 --alpha 0.5 "
-                "--rounds 4 --local-epochs 2 --ipcs 1 --pipcs 50,10 --sweep-ipcs 1 --sweep-pipc 50 "
-                f"--iterations 1000 --runs 3 --sweep-runs 2 --quick --candidates '{CANDIDATES_28PX}' --stop-after sweep"
-            ),
-            chosen_at={"ipc": 1, "pipc": 50, "iterations": 1000},
         )
     ],
     "cifar10": [
