@@ -21,6 +21,10 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     return "\n".join(lines)
 
 
+def matches(cell: dict, key: dict) -> bool:
+    return all(cell.get(k) == v for k, v in key.items())
+
+
 class Cells:
     """Finished cells on disk, so a crashed benchmark resumes where it stopped."""
 
@@ -29,7 +33,12 @@ class Cells:
         self.done = json.loads(path.read_text())["cells"] if path.exists() else []
 
     def get(self, key: dict) -> dict | None:
-        return next((c for c in self.done if all(c.get(k) == v for k, v in key.items())), None)
+        """The first cell added under ``key`` (every item of ``key`` equal)."""
+        return next((c for c in self.done if matches(c, key)), None)
+
+    def latest(self, key: dict) -> dict | None:
+        """The last cell added under ``key`` (the one a report keyed on fewer fields shows)."""
+        return next((c for c in reversed(self.done) if matches(c, key)), None)
 
     def add(self, cell: dict) -> None:
         self.done.append(cell)

@@ -453,7 +453,7 @@ def main(argv=None) -> int:
                     more = {**recipe, "lambda_init": scale * rule}
                 cached = cells.get({**key, "options": more})
                 if cached is not None:  # a cell of another recipe (the choice moved since it ran) is not reused
-                    if newest(cells, key) is not cached:
+                    if cells.latest(key) is not cached:
                         cells.add(cached)  # the choice moved back: the report reads the newest cell of a key
                     continue
                 same_as_dm = cells.get({"method": "dm", "ipc": ipc, "pipc": pipc})
@@ -477,11 +477,6 @@ def main(argv=None) -> int:
                 )
 
     return report(args, sweep, cells, best, model_meta, config, device)
-
-
-def newest(cells: Cells, key: dict) -> dict | None:
-    """The last cell added under ``key`` (the one the report shows)."""
-    return next((c for c in reversed(cells.done) if all(c.get(k) == v for k, v in key.items())), None)
 
 
 def report(args, sweep: Cells, cells: Cells, chosen: dict, model_meta: dict, config, device) -> int:

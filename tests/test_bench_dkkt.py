@@ -178,7 +178,7 @@ def test_a_table_cell_of_a_recipe_the_validation_no_longer_chooses_is_re_run_not
     def table_cell(candidates: str) -> dict:
         assert bench_dkkt.main([*args, "--candidates", candidates]) == 0
         results = json.loads((tmp_path / "out" / "results.json").read_text())
-        return bench_dkkt.newest(Cells(tmp_path / "out" / "cells.json"), {"method": "dm+dkkt"}), results
+        return Cells(tmp_path / "out" / "cells.json").latest({"method": "dm+dkkt"}), results
 
     first, _ = table_cell("w1: w_kkt=1")
     moved, results = table_cell("w3: w_kkt=3")  # the same --out: the sweep now chooses another recipe
