@@ -37,6 +37,16 @@ def mnist(shared_data, data_cache):
     return load_dataset("mnist", data_root=shared_data, cache_dir=data_cache)
 
 
+@pytest.fixture(scope="session")
+def digits_model(tmp_path_factory):
+    """A ConvNet-3 trained on digits by the ``train`` command (records its weight decay)."""
+    from common.cli import main
+
+    out = tmp_path_factory.mktemp("models") / "digits-convnet3"
+    assert main(["train", "--dataset", "digits", "--epochs", "3", "--device", "cpu", "--out", str(out)]) == 0
+    return out
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch):
     """Tests never read or fill the user's real cache, and ignore a user's $EDGEDISTILL_DATA."""

@@ -14,16 +14,6 @@ from server.methods.dsv import averaged_runs
 from server.methods.registry import distill, make_config, make_task
 
 
-@pytest.fixture(scope="session")
-def digits_model(tmp_path_factory):
-    """A ConvNet-3 trained on digits by the ``train`` command (records its weight decay)."""
-    from common.cli import main
-
-    out = tmp_path_factory.mktemp("models") / "digits-convnet3"
-    assert main(["train", "--dataset", "digits", "--epochs", "3", "--device", "cpu", "--out", str(out)]) == 0
-    return out
-
-
 def brute_force_stationarity(model, params, x, y, lam):
     """sum_i lam_i grad CE_i from one backward per sample, then mean |theta + sum|."""
     total = [torch.zeros_like(p) for p in params]
