@@ -24,7 +24,8 @@ from common.fileio import atomic_write_json
 from common.report import markdown_table
 from server.methods.dkkt import DKKTLoss, DKKTOptions
 from server.methods.dm import DMConfig, DMLoss, initial_images
-from server.methods.registry import make_task, parse_options
+from server.methods.registry import make_task
+from simulations.bench_dkkt import parse_candidates
 
 RECIPES = {  # name -> DKKT options (w_kkt is the weight the ratio is reported at)
     "un-augmented": "w_kkt=10,kkt_clean_term=true,kkt_aug_weight=0",
@@ -39,16 +40,25 @@ def pixel_gradient(objective, images: torch.Tensor, iteration: int) -> tuple[flo
     return loss, syn.grad.detach()
 
 
+def dkkt_term(task, labels: torch.Tensor, global_model: str, name: str, options: dict) -> DKKTLoss:
+    """The DKKT objective of one ``--recipes`` entry, weighted by its w_kkt; other dm+dkkt options are refused."""
+    options = dict(options)
+    weight = float(options.pop("w_kkt", 1.0))
+    if options.pop("lambda_scale", 1.0) != 1.0:
+        raise SystemExit(f"recipe {name!r}: lambda_scale is not measured here; give lambda_init instead")
+    other = sorted(k for k in options if k not in DKKTOptions.__dataclass_fields__)
+    if other:
+        raise SystemExit(f"recipe {name!r}: {', '.join(other)} do not change the pull; give w_kkt and DKKT options")
+    return DKKTLoss(task, DKKTOptions(global_model=global_model, **options), labels, weight)
+
+
 def measure(task, images: torch.Tensor, labels: torch.Tensor, global_model: str, recipes: dict, draws: int) -> list:
     """One row per recipe: mean over ``draws`` iterations of |g_DM|, |w g_DKKT|, their ratio and cosine."""
     dm = DMLoss(task, DMConfig())
     dm_grads = [pixel_gradient(dm, images, k)[1] for k in range(draws)]
     rows = []
-    for name, text in recipes.items():
-        options = parse_options("dm+dkkt", text)
-        weight = float(options.pop("w_kkt", 1.0))
-        kkt_options = {k: v for k, v in options.items() if k in DKKTOptions.__dataclass_fields__}
-        term = DKKTLoss(task, DKKTOptions(global_model=global_model, **kkt_options), labels, weight)
+    for name, options in recipes.items():
+        term = dkkt_term(task, labels, global_model, name, options)
         ratios, cosines, accuracy = [], [], []
         for k, g_dm in enumerate(dm_grads):
             _, g_kkt = pixel_gradient(term, images, k)  # already times w_kkt
@@ -58,7 +68,7 @@ def measure(task, images: torch.Tensor, labels: torch.Tensor, global_model: str,
         rows.append(
             {
                 "recipe": name,
-                "options": text,
+                "options": {k: v for k, v in options.items() if k != "lambda_scale"},
                 "dm_grad_norm": float(torch.stack([g.norm() for g in dm_grads]).mean()),
                 "dkkt_over_dm": sum(ratios) / draws,
                 "cosine": sum(cosines) / draws,
@@ -83,13 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ipc", type=int, default=10)
     p.add_argument("--pipc", default="50")
     p.add_argument("--at", action="append", default=[], help="also measure at a kept set (OUT/sets/.../dm.pt)")
-    p.add_argument("--recipes", default=" | ".join(f"{k}: {v}" for k, v in RECIPES.items()))
+    p.add_argument("--recipes", default=" | ".join(f"{k}: {v}" for k, v in RECIPES.items()), help="as --candidates")
     p.add_argument("--draws", type=int, default=3, help="iterations (seeded draws) averaged per row")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/dkkt-pull")
     args = p.parse_args(argv)
-    recipes = dict(part.split(":", 1) for part in map(str.strip, args.recipes.split("|")) if part)
-    recipes = {k.strip(): v.strip() for k, v in recipes.items()}
+    recipes = parse_candidates(args.recipes)  # bench_dkkt's 'NAME: OPTION=VALUE,... | ...' syntax
 
     data = load_dataset(args.dataset, args.data_root or None)
     task = make_task(data, args.ipc, args.pipc, seed=args.seed, progress=False)
