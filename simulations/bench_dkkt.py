@@ -542,13 +542,18 @@ def report(args, sweep: Cells, cells: Cells, chosen: dict, model_meta: dict, con
         f"device {device.type}; DKKT options {args.set or 'defaults'}"
     )
     seen = args.sweep_pipc - args.val_per_class
-    text = (
-        f"{header}\n\n{markdown_table(['method', 'pipc'] + [f'ipc {i}' for i in ipcs], rows)}\n\n"
-        f"Sweep (dm+dkkt at pipc {args.sweep_pipc}, {args.sweep_iterations or args.iterations} iterations; "
+    sweep_text = (
+        # a validated run sweeps nothing: a table of whatever older sweep sits in --out would mislead
+        ""
+        if args.recipe == "validated"
+        else f"Sweep (dm+dkkt at pipc {args.sweep_pipc}, {args.sweep_iterations or args.iterations} iterations; "
         f"{args.val_folds} folds, each seeing {seen} public images per class and scored on its own "
         f"{args.val_per_class} held-out ones; {args.sweep_runs} runs per fold; mean over all runs, "
         f"± std of the fold means):\n\n"
         f"{markdown_table(['ipc', 'recipe', 'options', 'folds', 'validation acc %', 's / iteration'], sweep_rows)}\n\n"
+    )
+    text = (
+        f"{header}\n\n{markdown_table(['method', 'pipc'] + [f'ipc {i}' for i in ipcs], rows)}\n\n{sweep_text}"
         f"{'validated recipe, not swept in this run' if args.recipe == 'validated' else 'chosen on validation'}: "
         f"{chosen_text}; "
         f"peak memory {peak_memory_mib(device):.0f} MiB\n"

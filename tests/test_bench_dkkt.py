@@ -160,7 +160,8 @@ def test_recipe_validated_skips_the_sweep_and_runs_the_datasets_validated_recipe
     cell = Cells(tmp_path / "out" / "cells.json").get({"method": "dm+dkkt", "ipc": 1, "pipc": 10})
     digits_recipe = VALIDATED["digits"][0].options
     assert cell["recipe"] == "validated" and {k: cell["options"][k] for k in digits_recipe} == digits_recipe
-    assert "validated recipe, not swept in this run" in (tmp_path / "out" / "table.md").read_text()
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "validated recipe, not swept in this run" in table and "Sweep (" not in table  # no stale sweep table
     with pytest.raises(SystemExit, match="no validated recipe for 'npz-of-my-own'; run the sweep"):
         bench_dkkt.validated_choices("npz-of-my-own")
 
