@@ -208,6 +208,11 @@ def score_candidates(sweep_cells: list[dict], ipc: int) -> list[dict]:
     return sorted(scores, key=lambda s: s["order"])
 
 
+def is_plain_dm(options: dict) -> bool:
+    """dm+dkkt options that make it exactly ``dm``: no DKKT term and no DSV start."""
+    return options.get("w_kkt") == 0 and not options.get("init_dsv_iterations")
+
+
 def choose(scores: list[dict]) -> dict:
     """The validation-best candidate (ties: the earlier one), with its lead over DM and the runner-up.
 
@@ -230,7 +235,7 @@ def choose(scores: list[dict]) -> dict:
             se = (best["sem"] ** 2 + other["sem"] ** 2) ** 0.5
         return {"candidate": other["candidate"], "gap": gap, "in_sem": gap / se if se else float("inf")}
 
-    dm = next((s for s in scores if s["options"].get("w_kkt") == 0 and s is not best), None)
+    dm = next((s for s in scores if is_plain_dm(s["options"]) and s is not best), None)
     rest = [s for s in scores if s is not best]
     runner_up = max(rest, key=lambda s: s["mean"]) if rest else None
     return {**best, "lead_over_dm": lead(dm), "lead_over_runner_up": lead(runner_up)}
@@ -458,7 +463,7 @@ def main(argv=None) -> int:
                     continue
                 same_as_dm = cells.get({"method": "dm", "ipc": ipc, "pipc": pipc})
                 chosen_cell = cells.get({"method": "dm+dkkt", "ipc": ipc, "pipc": pipc})
-                if base_method == "dm+dkkt" and more["w_kkt"] == 0 and same_as_dm is not None:
+                if base_method == "dm+dkkt" and is_plain_dm(more) and same_as_dm is not None:
                     # w_kkt 0 is exactly dm (tested): reuse its cell instead of recomputing it
                     cell = {**same_as_dm, **key, "note": "w_kkt 0 chosen: identical to dm"}
                 elif fixed_w and chosen_cell is not None and chosen_cell.get("options") == more:

@@ -89,6 +89,18 @@ def test_choice_is_the_best_mean_over_folds_with_its_lead_in_standard_errors():
     assert tie["candidate"] == "dm" and tie["lead_over_dm"] is None
 
 
+def test_a_dsv_started_candidate_without_the_dkkt_term_is_not_taken_for_dm():
+    dsv_start = {"w_kkt": 0.0, "init_dsv_iterations": 1000}
+    cells = [
+        cell("dsvinit-dm", 0, [0.86], 0, 0.0) | {"options": dsv_start},  # listed first: would be "dm" by w_kkt alone
+        cell("dm", 0, [0.80], 1, 0.0),
+        cell("w30", 0, [0.88], 2, 30.0),
+    ]
+    chosen = choose(score_candidates(cells, 10))
+    assert chosen["candidate"] == "w30"
+    assert chosen["lead_over_dm"]["candidate"] == "dm" and chosen["lead_over_dm"]["gap"] == pytest.approx(0.08)
+
+
 def test_the_table_averages_the_kept_dm_and_dsv_sets_into_the_same_dsv_dm_avg_cell(tmp_path):
     from common.cli import main
     from common.report import Cells
