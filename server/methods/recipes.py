@@ -81,7 +81,9 @@ VALIDATED: dict[str, list[Recipe]] = {
             w_kkt=30.0,
             evidence=(
                 "ipc 1: validation 71.75 % vs dm 70.63 % (+1.12, 1.8 SE paired over 2 folds of 20 held-out images "
-                "per class: +0.50, +1.75); un-augmented w_kkt 10: 71.13 %. Not yet swept at ipc 10, where it also "
+                "per class: +0.50, +1.75); un-augmented w_kkt 10: 71.13 %; tried after the choice, none better: "
+                "w_kkt 100 69.88 %, w_kkt 30 decaying 71.63 %, warming up 71.38 %, a DSV start then dm 71.50 %, "
+                "a DSV start then w_kkt 30 70.25 %. Not yet swept at ipc 10, where it also "
                 "applies: on one fold there, un-augmented w_kkt 10 tied dm (83.75 vs 83.50 %) and the published "
                 "augmented loss at w_kkt 10 lost 4.00 points (79.50 %). Global model 88.39 %"
             ),
