@@ -69,7 +69,8 @@ VALIDATED: dict[str, list[Recipe]] = {
             w_kkt=10.0,
             evidence=(
                 "ipc 1: validation 86.50 % vs dm 86.13 % (+0.38, 3.0 SE paired over 2 folds of 20 held-out images "
-                "per class: +0.50, +0.25); un-augmented w_kkt 30: 86.38 %. Global model 98.71 %"
+                "per class: +0.50, +0.25); un-augmented w_kkt 30: 86.38 %; tried after the choice, none better: "
+                "w_kkt 10 decaying 86.25 %, a DSV start then dm 86.25 %. Global model 98.71 %"
             ),
         ),
         swept_28px(
