@@ -88,21 +88,49 @@ def stage1_state(task, config: GeneratorConfig, out: Path) -> dict:
     identity = {"stage1": identity_options(stage1, NON_IDENTITY_OPTIONS)}
     if done.exists():
         return load_checkpoint(done, identity)
+    print(f"stage 1: {config.stage1_steps} steps", flush=True)
     workdir = out / "stage1-work"
     resume = (workdir / "generator-checkpoint.pt").exists()
     trainer = train_generator(replace(task, workdir=workdir), replace(stage1, resume=resume))
     state = trainer.state_dict()
     state["seconds_per_step"] = trainer.seconds[0] / max(1, config.stage1_steps)
     save_checkpoint(done, {**identity, **state})
+    print(f"stage 1: {state['seconds_per_step']:.3f} s/step", flush=True)
     return state
 
 
-def variant_generator(task, config: GeneratorConfig, name: str, start: dict, out: Path):
-    """Stage 2 of one variant from the shared stage-1 state; the generator is kept in generators/NAME."""
-    where = out / "generators" / name.replace("+", "-")
-    if (where / "generator.json").exists():
-        return load_generator(where)
-    variant = replace(config, **VARIANTS.get(name, {}))
+def generator_dir(out: Path, name: str) -> Path:
+    return out / "generators" / name.replace("+", "-")
+
+
+def variant_generators(task, config: GeneratorConfig, names: list[str], out: Path) -> dict:
+    """Every variant's generator: kept ones are loaded (and must match this run's options), the rest run
+    their stage 2 from the shared CGAN, which is trained (or loaded) only when some variant needs it."""
+    generators, start = {}, None
+    for name in names:
+        where = generator_dir(out, name)
+        variant = replace(config, **VARIANTS.get(name, {}))
+        if not (where / "generator.json").exists():
+            start = start or stage1_state(task, config, out)
+            train_variant(task, variant, name, start, where)
+        generators[name] = load_generator(where)
+        check_kept_options(generators[name][2], variant, where)
+    return generators
+
+
+def check_kept_options(meta: dict, variant: GeneratorConfig, where: Path) -> None:
+    """A kept generator is reused only for the options it was trained with (budgets and logging aside)."""
+    kept = {k: v for k, v in meta.get("method_options", {}).items() if k not in NON_IDENTITY_OPTIONS}
+    wanted = identity_options(variant, NON_IDENTITY_OPTIONS)
+    differ = sorted(k for k in wanted if k in kept and kept[k] != wanted[k])
+    if differ:
+        raise SystemExit(
+            f"{where} was trained with other options ({', '.join(differ)}); use another --out or the same --set flags"
+        )
+
+
+def train_variant(task, variant: GeneratorConfig, name: str, start: dict, where: Path) -> None:
+    """Stage 2 of one variant from the shared stage-1 state, saved as a generator artifact in ``where``."""
     trainer = train_generator(task, variant, start_from=start)
     s2 = trainer.seconds[1] / max(1, variant.stage2_steps)
     meta = {
@@ -120,7 +148,6 @@ def variant_generator(task, config: GeneratorConfig, name: str, start: dict, out
     grid = {"stage2.png": trainer.grid_samples()}
     save_generator(where, trainer.gen.cpu(), task.info, meta, grid, overwrite=True, figures=figures)
     print(f"{name}: stage 2 {s2:.3f} s/step", flush=True)
-    return load_generator(where)
 
 
 def main(argv=None) -> int:
@@ -138,9 +165,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"unknown variant(s) {unknown}; use {', '.join(VARIANTS)}")
 
     started = time.perf_counter()
-    start = stage1_state(task, config, out)
-    print(f"stage 1: {config.stage1_steps} steps, {start['seconds_per_step']:.3f} s/step", flush=True)
-    generators = {name: variant_generator(task, config, name, start, out) for name in variants}
+    generators = variant_generators(task, config, variants, out)
 
     cells = Cells(out / "cells.json")
     ipcs = [int(i) for i in args.ipcs.split(",")]

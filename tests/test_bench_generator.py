@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from common.report import Cells
 from simulations import bench_generator
 
@@ -46,3 +48,24 @@ def test_each_variant_keeps_its_own_stage_2_and_every_cell_is_reported(tmp_path)
             assert cell is not None and 0.0 <= cell["mean"] <= 1.0
     table = (out / "table.md").read_text()
     assert "DiM protocol" in table and "global+local" in table and "2: 6," in table
+
+
+def test_a_rerun_reuses_kept_generators_without_stage_1_and_refuses_other_options(tmp_path):
+    out = tmp_path / "bench"
+    argv = ["--dataset", "digits", "--stage1-steps", "4", "--stage2-steps", "2", *SETS, "--ipcs", "1"]
+    argv += ["--runs", "1", "--epochs", "1", "--dim-variants", "", "--cross-archs", "", "--variants", "cgan,logit"]
+    assert bench_generator.main([*argv, "--out", str(out)]) == 0
+    kept = (out / "generators" / "logit" / "generator.json").read_text()
+
+    # the generators are what a results folder keeps; without stage1.pt a rerun must not train stage 1 again
+    (out / "stage1.pt").unlink()
+    (out / "cells.json").unlink()
+    assert bench_generator.main([*argv, "--out", str(out)]) == 0
+    assert not (out / "stage1.pt").exists()
+    assert (out / "generators" / "logit" / "generator.json").read_text() == kept
+    assert len(Cells(out / "cells.json").done) == 3  # random real, cgan and logit at ipc 1, evaluated again
+
+    # a kept generator trained with other options is refused, not silently reused
+    other = [*argv[: argv.index("--ipcs")], "--set", "w_global=0.05", *argv[argv.index("--ipcs") :]]
+    with pytest.raises(SystemExit, match=r"trained with other options \(w_global\)"):
+        bench_generator.main([*other, "--out", str(out)])
