@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -168,6 +169,7 @@ def main(argv=None) -> int:
     generators = variant_generators(task, config, variants, out)
 
     cells = Cells(out / "cells.json")
+    keyed = partial(cell_key, args, generators, protocol.epochs)
     ipcs = [int(i) for i in args.ipcs.split(",")]
     wanted = [("random real", ipc, "convnet3", "fixed") for ipc in ipcs]
     wanted += [(v, ipc, "convnet3", "fixed") for v in variants for ipc in ipcs]
@@ -177,7 +179,7 @@ def main(argv=None) -> int:
         wanted += [(args.cross_variant, args.cross_ipc, a, "fixed") for a in args.cross_archs.split(",") if a]
     dim_protocol = replace(DIM_PROTOCOL, epochs=args.dim_epochs)
     for variant, ipc, arch, kind in wanted:
-        key = {"variant": variant, "ipc": ipc, "arch": arch, "protocol": kind}
+        key = keyed(variant, ipc, arch, kind)
         if cells.get(key) is not None:
             continue
         info = data.info
@@ -204,14 +206,36 @@ def main(argv=None) -> int:
         cells.add({**key, "mean": result.mean, "std": result.std, "accuracies": result.accuracies})
         print(f"{variant:>12} ipc {ipc:>3} {arch:>9} {kind:>5}: {format_accuracy(result.mean, result.std)}", flush=True)
 
-    return report(args, cells, generators, protocol, device, time.perf_counter() - started)
+    def lookup(*where) -> dict | None:
+        return cells.latest(keyed(*where))
+
+    return report(args, cells, lookup, generators, protocol, device, time.perf_counter() - started)
 
 
-def report(args, cells: Cells, generators: dict, protocol, device: torch.device, seconds: float) -> int:
+def cell_key(args, generators: dict, epochs: int, variant: str, ipc: int, arch: str = "convnet3", kind: str = "fixed"):
+    """Everything a cell's figure depends on: the images' source (the generator's weights by their
+    sha256), the protocol with its epochs, runs and seed; a rerun with other flags measures anew."""
+    source = "real" if variant == "random real" else generators[variant][2]["sha256"][:16]
+    epochs = args.dim_epochs if kind == "dim" else epochs
+    return {
+        "variant": variant,
+        "ipc": ipc,
+        "arch": arch,
+        "protocol": kind,
+        "dataset": args.dataset,
+        "source": source,
+        "epochs": epochs,
+        "runs": args.runs,
+        "seed": args.seed,
+    }
+
+
+def report(args, cells: Cells, lookup, generators: dict, protocol, device: torch.device, seconds: float) -> int:
+    """Print and write the tables; ``lookup(variant, ipc, arch, kind)`` is this run's cell or None."""
     ipcs = [int(i) for i in args.ipcs.split(",")]
 
     def text(variant: str, ipc: int, arch: str = "convnet3", kind: str = "fixed") -> str:
-        cell = cells.get({"variant": variant, "ipc": ipc, "arch": arch, "protocol": kind})
+        cell = lookup(variant, ipc, arch, kind)
         return format_accuracy(cell["mean"], cell["std"]) if cell else "-"
 
     timing = {name: meta for name, (_, _, meta) in generators.items()}
@@ -244,7 +268,7 @@ def report(args, cells: Cells, generators: dict, protocol, device: torch.device,
             for v, m in timing.items()
         ],
     )
-    tables = "\n\n".join(t for t in (header, fixed, dim, cross, speed, ordering(cells, generators, ipcs)) if t)
+    tables = "\n\n".join(t for t in (header, fixed, dim, cross, speed, ordering(lookup, generators, ipcs)) if t)
     tables += f"\n\npeak memory {peak_memory_mib(device):.0f} MiB; this run {seconds:.0f} s"
     print("\n" + tables)
     out = Path(args.out)
@@ -260,7 +284,7 @@ def chosen_steps(meta: dict) -> dict:
     return selection.get("chosen", selection)
 
 
-def ordering(cells: Cells, generators: dict, ipcs: list[int]) -> str:
+def ordering(lookup, generators: dict, ipcs: list[int]) -> str:
     """The issue's targets beside the figures: global+local >= logit >= cgan per ipc and protocol, and
     the best generator's fixed ipc-50 sample against random real images at ipc 10."""
     lines = []
@@ -269,14 +293,14 @@ def ordering(cells: Cells, generators: dict, ipcs: list[int]) -> str:
             means = {
                 v: c["mean"]
                 for v in ("global+local", "logit", "cgan")
-                if (c := cells.get({"variant": v, "ipc": ipc, "arch": "convnet3", "protocol": kind}))
+                if v in generators and (c := lookup(v, ipc, "convnet3", kind))
             }
             if len(means) == 3:
                 held = means["global+local"] >= means["logit"] >= means["cgan"]
                 order = " >= ".join(sorted(means, key=means.get, reverse=True))
                 lines.append(f"- {kind} ipc {ipc}: {order} ({'ordering holds' if held else 'ordering MISSED'})")
-    real = cells.get({"variant": "random real", "ipc": 10, "arch": "convnet3", "protocol": "fixed"})
-    fifty = [c for c in cells.done if c["ipc"] == 50 and c["protocol"] == "fixed" and c["variant"] in generators]
+    real = lookup("random real", 10, "convnet3", "fixed")
+    fifty = [c for v in generators if (c := lookup(v, 50, "convnet3", "fixed"))]
     if real and fifty:
         best = max(fifty, key=lambda c: c["mean"])
         verdict = "above" if best["mean"] > real["mean"] else "BELOW"

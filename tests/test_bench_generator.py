@@ -65,6 +65,13 @@ def test_a_rerun_reuses_kept_generators_without_stage_1_and_refuses_other_option
     assert (out / "generators" / "logit" / "generator.json").read_text() == kept
     assert len(Cells(out / "cells.json").done) == 3  # random real, cgan and logit at ipc 1, evaluated again
 
+    # a cell is keyed by what its figure depends on: other protocol flags measure anew instead of reusing it
+    runs = argv.index("--runs") + 1
+    assert bench_generator.main([*argv[:runs], "2", *argv[runs + 1 :], "--out", str(out)]) == 0
+    cells = Cells(out / "cells.json")
+    assert len(cells.done) == 6
+    assert len(cells.latest({"variant": "logit", "ipc": 1})["accuracies"]) == 2
+
     # a kept generator trained with other options is refused, not silently reused
     other = [*argv[: argv.index("--ipcs")], "--set", "w_global=0.05", *argv[argv.index("--ipcs") :]]
     with pytest.raises(SystemExit, match=r"trained with other options \(w_global\)"):
