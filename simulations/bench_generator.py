@@ -171,10 +171,10 @@ def main(argv=None) -> int:
     cells = Cells(out / "cells.json")
     keyed = partial(cell_key, args, generators, protocol.epochs)
     ipcs = [int(i) for i in args.ipcs.split(",")]
-    wanted = [("random real", ipc, "convnet3", "fixed") for ipc in ipcs]
-    wanted += [(v, ipc, "convnet3", "fixed") for v in variants for ipc in ipcs]
+    # ipc-major: a run cut short leaves whole columns (every variant at the small ipcs), not whole rows
+    wanted = [(v, ipc, "convnet3", "fixed") for ipc in ipcs for v in ["random real", *variants]]
     dim_ipcs = [int(i) for i in (args.dim_ipcs or args.ipcs).split(",")]
-    wanted += [(v, ipc, "convnet3", "dim") for v in args.dim_variants.split(",") if v in variants for ipc in dim_ipcs]
+    wanted += [(v, ipc, "convnet3", "dim") for ipc in dim_ipcs for v in args.dim_variants.split(",") if v in variants]
     if args.cross_variant in variants:
         wanted += [(args.cross_variant, args.cross_ipc, a, "fixed") for a in args.cross_archs.split(",") if a]
     dim_protocol = replace(DIM_PROTOCOL, epochs=args.dim_epochs)

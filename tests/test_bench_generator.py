@@ -52,9 +52,12 @@ def test_each_variant_keeps_its_own_stage_2_and_every_cell_is_reported(tmp_path)
 
 def test_a_rerun_reuses_kept_generators_without_stage_1_and_refuses_other_options(tmp_path):
     out = tmp_path / "bench"
-    argv = ["--dataset", "digits", "--stage1-steps", "4", "--stage2-steps", "2", *SETS, "--ipcs", "1"]
+    argv = ["--dataset", "digits", "--stage1-steps", "4", "--stage2-steps", "2", *SETS, "--ipcs", "1,2"]
     argv += ["--runs", "1", "--epochs", "1", "--dim-variants", "", "--cross-archs", "", "--variants", "cgan,logit"]
     assert bench_generator.main([*argv, "--out", str(out)]) == 0
+    # ipc-major, so that a run cut short leaves whole columns of the table
+    order = [(c["variant"], c["ipc"]) for c in Cells(out / "cells.json").done]
+    assert order == [(v, ipc) for ipc in (1, 2) for v in ("random real", "cgan", "logit")]
     kept = (out / "generators" / "logit" / "generator.json").read_text()
 
     # the generators are what a results folder keeps; without stage1.pt a rerun must not train stage 1 again
@@ -63,13 +66,13 @@ def test_a_rerun_reuses_kept_generators_without_stage_1_and_refuses_other_option
     assert bench_generator.main([*argv, "--out", str(out)]) == 0
     assert not (out / "stage1.pt").exists()
     assert (out / "generators" / "logit" / "generator.json").read_text() == kept
-    assert len(Cells(out / "cells.json").done) == 3  # random real, cgan and logit at ipc 1, evaluated again
+    assert len(Cells(out / "cells.json").done) == 6  # random real, cgan and logit at ipc 1 and 2, evaluated again
 
     # a cell is keyed by what its figure depends on: other protocol flags measure anew instead of reusing it
     runs = argv.index("--runs") + 1
     assert bench_generator.main([*argv[:runs], "2", *argv[runs + 1 :], "--out", str(out)]) == 0
     cells = Cells(out / "cells.json")
-    assert len(cells.done) == 6
+    assert len(cells.done) == 12
     assert len(cells.latest({"variant": "logit", "ipc": 1})["accuracies"]) == 2
 
     # a kept generator trained with other options is refused, not silently reused
