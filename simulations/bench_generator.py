@@ -252,9 +252,13 @@ def report(args, cells: Cells, lookup, generators: dict, protocol, device: torch
     dim_title = f"DiM protocol, ConvNet-3, {args.dim_epochs} epochs of fresh batches, best of 5 tests"
     dim = markdown_table([dim_title, *(f"ipc {i}" for i in ipcs)], dim_rows) if dim_rows else ""
     archs = [a for a in args.cross_archs.split(",") if a]
-    cross = markdown_table(
-        [f"{args.cross_variant}, ipc {args.cross_ipc}, fixed set", *archs],
-        [["accuracy %", *(text(args.cross_variant, args.cross_ipc, a) for a in archs)]],
+    cross = (
+        markdown_table(
+            [f"{args.cross_variant}, ipc {args.cross_ipc}, fixed set", *archs],
+            [["accuracy %", *(text(args.cross_variant, args.cross_ipc, a) for a in archs)]],
+        )
+        if archs and args.cross_variant in generators
+        else ""
     )
     speed = markdown_table(
         ["variant", "stage 1 s/step", "stage 2 s/step", "held-out selection (stage: step, score)"],

@@ -48,6 +48,7 @@ def test_each_variant_keeps_its_own_stage_2_and_every_cell_is_reported(tmp_path)
             assert cell is not None and 0.0 <= cell["mean"] <= 1.0
     table = (out / "table.md").read_text()
     assert "DiM protocol" in table and "global+local" in table and "2: 6," in table
+    assert "ipc 10, fixed set" not in table  # --cross-archs "": no empty cross-architecture table
 
 
 def test_a_rerun_reuses_kept_generators_without_stage_1_and_refuses_other_options(tmp_path):
