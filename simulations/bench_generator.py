@@ -70,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/bench-generator")
+    p.add_argument("--report", action="store_true", help="only print the tables of the cells finished so far")
     return p.parse_args(argv)
 
 
@@ -104,14 +105,17 @@ def generator_dir(out: Path, name: str) -> Path:
     return out / "generators" / name.replace("+", "-")
 
 
-def variant_generators(task, config: GeneratorConfig, names: list[str], out: Path) -> dict:
+def variant_generators(task, config: GeneratorConfig, names: list[str], out: Path, train: bool = True) -> dict:
     """Every variant's generator: kept ones are loaded (and must match this run's options), the rest run
-    their stage 2 from the shared CGAN, which is trained (or loaded) only when some variant needs it."""
+    their stage 2 from the shared CGAN, which is trained (or loaded) only when some variant needs it
+    (``train=False``: the rest are left out)."""
     generators, start = {}, None
     for name in names:
         where = generator_dir(out, name)
         variant = replace(config, **VARIANTS.get(name, {}))
         if not (where / "generator.json").exists():
+            if not train:
+                continue
             start = start or stage1_state(task, config, out)
             train_variant(task, variant, name, start, where)
         generators[name] = load_generator(where)
@@ -166,18 +170,20 @@ def main(argv=None) -> int:
         raise SystemExit(f"unknown variant(s) {unknown}; use {', '.join(VARIANTS)}")
 
     started = time.perf_counter()
-    generators = variant_generators(task, config, variants, out)
+    generators = variant_generators(task, config, variants, out, train=not args.report)
 
     cells = Cells(out / "cells.json")
     keyed = partial(cell_key, args, generators, protocol.epochs)
     ipcs = [int(i) for i in args.ipcs.split(",")]
     # ipc-major: a run cut short leaves whole columns (every variant at the small ipcs), not whole rows
-    wanted = [(v, ipc, "convnet3", "fixed") for ipc in ipcs for v in ["random real", *variants]]
+    wanted = [(v, ipc, "convnet3", "fixed") for ipc in ipcs for v in ["random real", *generators]]
     dim_ipcs = [int(i) for i in (args.dim_ipcs or args.ipcs).split(",")]
-    wanted += [(v, ipc, "convnet3", "dim") for ipc in dim_ipcs for v in args.dim_variants.split(",") if v in variants]
-    if args.cross_variant in variants:
+    wanted += [(v, ipc, "convnet3", "dim") for ipc in dim_ipcs for v in args.dim_variants.split(",") if v in generators]
+    if args.cross_variant in generators:
         wanted += [(args.cross_variant, args.cross_ipc, a, "fixed") for a in args.cross_archs.split(",") if a]
     dim_protocol = replace(DIM_PROTOCOL, epochs=args.dim_epochs)
+    if args.report:
+        wanted = []
     for variant, ipc, arch, kind in wanted:
         key = keyed(variant, ipc, arch, kind)
         if cells.get(key) is not None:
@@ -212,7 +218,9 @@ def main(argv=None) -> int:
     return report(args, cells, lookup, generators, protocol, device, time.perf_counter() - started)
 
 
-def cell_key(args, generators: dict, epochs: int, variant: str, ipc: int, arch: str = "convnet3", kind: str = "fixed"):
+def cell_key(
+    args, generators: dict, epochs: int, variant: str, ipc: int, arch: str = "convnet3", kind: str = "fixed"
+) -> dict:
     """Everything a cell's figure depends on: the images' source (the generator's weights by their
     sha256), the protocol with its epochs, runs and seed; a rerun with other flags measures anew."""
     source = "real" if variant == "random real" else generators[variant][2]["sha256"][:16]

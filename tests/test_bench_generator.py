@@ -76,6 +76,13 @@ def test_a_rerun_reuses_kept_generators_without_stage_1_and_refuses_other_option
     assert len(cells.done) == 12
     assert len(cells.latest({"variant": "logit", "ipc": 1})["accuracies"]) == 2
 
+    # --report prints what is there: no evaluation, and a variant without a kept generator is left out
+    (out / "table.md").unlink()
+    every = [*argv[: argv.index("--variants")], "--variants", "cgan,logit,global+local", "--runs", "2"]
+    assert bench_generator.main([*every, "--out", str(out), "--report"]) == 0
+    assert len(Cells(out / "cells.json").done) == 12 and not (out / "generators" / "global-local").exists()
+    assert "logit" in (out / "table.md").read_text() and "global+local" not in (out / "table.md").read_text()
+
     # a kept generator trained with other options is refused, not silently reused
     other = [*argv[: argv.index("--ipcs")], "--set", "w_global=0.05", *argv[argv.index("--ipcs") :]]
     with pytest.raises(SystemExit, match=r"trained with other options \(w_global\)"):
