@@ -125,7 +125,7 @@ def variant_generators(task, config: GeneratorConfig, names: list[str], out: Pat
 
 def check_kept_options(meta: dict, variant: GeneratorConfig, where: Path) -> None:
     """A kept generator is reused only for the options it was trained with (budgets and logging aside)."""
-    kept = {k: v for k, v in meta.get("method_options", {}).items() if k not in NON_IDENTITY_OPTIONS}
+    kept = meta.get("method_options", {})
     wanted = identity_options(variant, NON_IDENTITY_OPTIONS)
     differ = sorted(k for k in wanted if k in kept and kept[k] != wanted[k])
     if differ:
@@ -182,9 +182,7 @@ def main(argv=None) -> int:
     if args.cross_variant in generators:
         wanted += [(args.cross_variant, args.cross_ipc, a, "fixed") for a in args.cross_archs.split(",") if a]
     dim_protocol = replace(DIM_PROTOCOL, epochs=args.dim_epochs)
-    if args.report:
-        wanted = []
-    for variant, ipc, arch, kind in wanted:
+    for variant, ipc, arch, kind in [] if args.report else wanted:
         key = keyed(variant, ipc, arch, kind)
         if cells.get(key) is not None:
             continue
