@@ -35,6 +35,7 @@ from common.runtime import peak_memory_mib, resolve_device
 from server.methods.gan import GeneratorSampler, load_generator, sample, save_generator
 from server.methods.generator import (
     NON_IDENTITY_OPTIONS,
+    STAGE2_OPTIONS,
     TERMS_PLOT,
     GeneratorConfig,
     save_terms_plot,
@@ -87,9 +88,17 @@ def stage1_state(task, config: GeneratorConfig, out: Path) -> dict:
     """The shared CGAN: trained once (resumable through its checkpoints), then kept in stage1.pt."""
     done = out / "stage1.pt"
     stage1 = replace(config, stage2_steps=0, checkpoint_every=max(1, config.stage1_steps // 10))
-    identity = {"stage1": identity_options(stage1, NON_IDENTITY_OPTIONS)}
+    identity = {"stage1": identity_options(stage1, NON_IDENTITY_OPTIONS + STAGE2_OPTIONS)}
     if done.exists():
-        return load_checkpoint(done, identity)
+        state = load_checkpoint(done, {})
+        kept = state.get("stage1", {})  # older files also hold the stage-2 options: only stage 1's must match
+        differ = sorted(k for k, v in identity["stage1"].items() if kept.get(k) != v)
+        if differ:
+            raise SystemExit(
+                f"{done} holds a stage 1 trained with other options ({', '.join(differ)}); "
+                "use another --out or the same --set flags"
+            )
+        return state
     print(f"stage 1: {config.stage1_steps} steps", flush=True)
     workdir = out / "stage1-work"
     resume = (workdir / "generator-checkpoint.pt").exists()

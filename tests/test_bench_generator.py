@@ -87,3 +87,26 @@ def test_a_rerun_reuses_kept_generators_without_stage_1_and_refuses_other_option
     other = [*argv[: argv.index("--ipcs")], "--set", "w_global=0.05", *argv[argv.index("--ipcs") :]]
     with pytest.raises(SystemExit, match=r"trained with other options \(w_global\)"):
         bench_generator.main([*other, "--out", str(out)])
+
+
+def test_a_stage_2_ablation_reuses_the_kept_stage_1_and_a_stage_1_change_is_refused(tmp_path, capsys):
+    out = tmp_path / "bench"
+    argv = ["--dataset", "digits", "--stage1-steps", "4", "--stage2-steps", "2", *SETS, "--ipcs", "1"]
+    argv += ["--runs", "1", "--epochs", "1", "--dim-variants", "", "--cross-archs", "", "--out", str(out)]
+    assert bench_generator.main([*argv, "--variants", "cgan"]) == 0
+    kept = (out / "stage1.pt").read_bytes()
+    assert "stage 1: 4 steps" in capsys.readouterr().out
+
+    # w_local and lr_stage2 are read by stage 2 only: the ablation starts from the same CGAN, untrained again
+    ablation = [*argv, "--set", "w_local=0.01", "--set", "lr_stage2=1e-4", "--variants", "global+local"]
+    assert bench_generator.main(ablation) == 0
+    assert "stage 1:" not in capsys.readouterr().out
+    assert (out / "stage1.pt").read_bytes() == kept
+    meta = json.loads((out / "generators" / "global-local" / "generator.json").read_text())
+    assert meta["method_options"]["w_local"] == 0.01
+    assert [step for step, _ in meta["loss_curves"]["g_total"] if step > 4] == [5, 6]
+
+    # an option stage 1 reads is refused with the fix named, and stage1.pt is left as it was
+    with pytest.raises(SystemExit, match=r"stage 1 trained with other options \(batch_size\)"):
+        bench_generator.main([*argv, "--set", "batch_size=16", "--variants", "logit"])
+    assert (out / "stage1.pt").read_bytes() == kept

@@ -68,6 +68,12 @@ from server.methods.registry import DistillTask, MethodOutput, job_identity, reg
 
 CHECKPOINT_FILE = "generator-checkpoint.pt"
 NON_IDENTITY_OPTIONS = ("resume", "checkpoint_every", "log_every", "time_limit")
+# Options stage 1 never reads (its trainer builds no pool without stage-2 steps): one CGAN serves every
+# stage-2 ablation of them, and a kept stage-1 state is not retrained for a new w_local or lr_stage2.
+STAGE2_OPTIONS = (
+    "stage2_steps", "match_batch", "lr_stage2", "w_global", "w_local", "local_match", "pool",
+    "local_layers", "pool_steps", "pool_lr", "pool_reinit_every", "pool_dsa", "match_dsa",
+)  # fmt: skip
 GRID_PER_CLASS = 10
 LOCAL_MATCHES = ("pair", "class-mean")
 TERMS_PLOT = "stage2-terms.png"
