@@ -110,3 +110,28 @@ def test_a_stage_2_ablation_reuses_the_kept_stage_1_and_a_stage_1_change_is_refu
     with pytest.raises(SystemExit, match=r"stage 1 trained with other options \(batch_size\)"):
         bench_generator.main([*argv, "--set", "batch_size=16", "--variants", "logit"])
     assert (out / "stage1.pt").read_bytes() == kept
+
+
+def test_term_gradients_reach_the_generator_in_proportion_to_their_weight(tmp_path):
+    from simulations import generator_gradients
+
+    out = tmp_path / "bench"
+    argv = ["--dataset", "digits", "--stage1-steps", "4", "--stage2-steps", "2", *SETS, "--ipcs", "1", "--runs", "1"]
+    argv += ["--epochs", "1", "--dim-variants", "", "--cross-archs", "", "--variants", "cgan", "--out", str(out)]
+    assert bench_generator.main(argv) == 0
+    grads = tmp_path / "grads"
+    assert (
+        generator_gradients.main(
+            ["--dataset", "digits", "--stage1", str(out / "stage1.pt"), "--stage1-steps", "4", *SETS]
+            + ["--w-locals", "0.1,0.2", "--steps", "1", "--out", str(grads)]
+        )
+        == 0
+    )
+    terms = json.loads((grads / "gradients.json").read_text())["terms"]
+    low, high = terms["0.1"], terms["0.2"]
+    assert low["cgan"]["ratio"] == pytest.approx(1.0) and low["cgan"]["cosine"] == pytest.approx(1.0)
+    # the same first stage-2 step: the CGAN and global gradients agree, the local one doubles with w_local
+    assert high["cgan"]["norm"] == pytest.approx(low["cgan"]["norm"], rel=1e-5)
+    assert high["global"]["norm"] == pytest.approx(low["global"]["norm"], rel=1e-5) and low["global"]["norm"] > 0
+    assert low["local"]["norm"] > 0
+    assert high["local"]["norm"] == pytest.approx(2 * low["local"]["norm"], rel=1e-4)
