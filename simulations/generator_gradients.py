@@ -8,8 +8,8 @@ once per ``--w-locals`` value and prints, per term, the mean norm of its gradien
 generator's weights, its ratio to the CGAN term's and its cosine with it:
 
     python -m simulations.generator_gradients --dataset mnist --data-root DATA \\
-        --stage1 runs/bench-generator-mnist-lr1e-4/stage1.pt --set width=32 --set batch_size=64 \\
-        --set pool_steps=4 --set select_every=500 --set lr_stage2=1e-4 --w-locals 0.001,0.1 --steps 10
+        --stage1 runs/control/stage1.pt --set width=32 --set batch_size=64 --set pool_steps=4 \\
+        --set select_every=500 --set lr_stage2=1e-4 --w-locals 0.001,0.1 --steps 100 --measure-every 10
 """
 
 from __future__ import annotations
