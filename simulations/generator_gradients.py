@@ -49,18 +49,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def term_gradients(trainer: GeneratorTrainer, steps: int, every: int = 1) -> dict[str, dict[str, float]]:
     """Mean gradient norm per weighted term (and cosine with the CGAN term's) over every ``every``-th of
-    ``steps`` stage-2 steps, each step followed by the real update, so they follow the method's schedule."""
-    config, params = trainer.config, [p for p in trainer.gen.parameters() if p.requires_grad]
-    sums: dict[str, dict[str, float]] = {}
+    ``steps`` stage-2 steps; every step is the trainer's own, so they follow the method's schedule."""
+    params = [p for p in trainer.gen.parameters() if p.requires_grad]
     measured = [t for t in range(steps) if (steps - 1 - t) % every == 0]
-    for t in range(steps):
-        trainer.critic_step(config.match_batch)
-        trainer.pool.maybe_redraw(trainer.step - config.stage1_steps, trainer.rng)
-        trainer.pool.train([trainer.real_batch(config.match_batch) for _ in range(config.pool_steps)], trainer.rng)
-        x, y = trainer.real_batch(config.match_batch)
-        total, terms = trainer.generator_objective(x, y, match=True)
+    sums: dict[str, dict[str, float]] = {}
+
+    def measure(terms: dict[str, torch.Tensor]) -> None:
         flat = {}
-        for name, term in terms.items() if t in measured else ():
+        for name, term in terms.items():
             grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
             zeros_if_unused = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
             flat[name] = torch.cat([g.flatten() for g in zeros_if_unused])
@@ -71,9 +67,9 @@ def term_gradients(trainer: GeneratorTrainer, steps: int, every: int = 1) -> dic
             row["ratio"] += float(g.norm() / flat["cgan"].norm()) / n
             row["cosine"] += float(torch.nn.functional.cosine_similarity(g, flat["cgan"], dim=0)) / n
             row["value"] += float(terms[name].detach()) / n
-        trainer.opt_g.zero_grad(set_to_none=True)
-        total.backward()
-        trainer.opt_g.step()
+
+    for t in range(steps):
+        trainer.train_step(inspect=measure if t in measured else None)
         trainer.step += 1
     return sums
 

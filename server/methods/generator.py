@@ -416,7 +416,9 @@ class GeneratorTrainer:
             total = total + terms["global"] + terms["local"]
         return total, terms
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self, inspect: Callable[[dict[str, torch.Tensor]], None] | None = None) -> dict[str, float]:
+        """One generator step (and its critic and pool steps); ``inspect`` sees the weighted terms, graphs
+        intact, before the update (``simulations.generator_gradients`` measures their gradients there)."""
         stage, config = self.stage_of(self.step), self.config
         size = config.batch_size if stage == 1 else config.match_batch
         values: dict[str, float] = {}
@@ -429,6 +431,8 @@ class GeneratorTrainer:
             values["pool_ce"] = self.pool.train(batches, self.rng)
         x, y = self.real_batch(size)
         total, terms = self.generator_objective(x, y, match)
+        if inspect is not None:
+            inspect(terms)
         self.opt_g.zero_grad(set_to_none=True)
         total.backward()
         self.opt_g.step()
