@@ -101,6 +101,29 @@ def test_zero_matching_weights_leave_only_the_cgan_loss(digits):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in matched.gen.parameters())
 
 
+def test_variants_share_the_main_stream_and_stage2_seeds_repeat_stage_2_only(digits):
+    """Matching draws from its own stream: a variant whose terms weigh nothing trains the CGAN's
+    generator exactly, although it trains a pool model. ``stage2_seed`` changes stage 2, not stage 1."""
+    task = make_task(digits, 1, pipc=20, seed=3, progress=False)
+    base = dict(**TINY, stage1_steps=2, stage2_steps=3, pool="convnet3", pool_steps=2)
+    cgan = train_generator(task, GeneratorConfig(**base, w_global=0, w_local=0))
+    silent = train_generator(task, GeneratorConfig(**base, w_global=1e-30, w_local=1e-30))
+    assert cgan.pool is None and silent.pool.draws == 1 and "pool_ce" in silent.curves
+    for name, value in cgan.gen.state_dict().items():
+        assert torch.equal(value, silent.gen.state_dict()[name]), name
+
+    def weights(trainer):
+        return torch.cat([v.flatten() for v in trainer.gen.state_dict().values() if v.is_floating_point()])
+
+    other = train_generator(task, GeneratorConfig(**base, w_global=0, w_local=0, stage2_seed=1))
+    again = train_generator(task, GeneratorConfig(**base, w_global=0, w_local=0, stage2_seed=1))
+    assert torch.equal(weights(other), weights(again))
+    assert not torch.equal(weights(other), weights(cgan))
+    assert torch.equal(other.stage1_grid[0], cgan.stage1_grid[0])  # the same CGAN entered stage 2
+    with pytest.raises(ConfigError, match="stage2_seed"):
+        GeneratorConfig(stage2_seed=-1)
+
+
 def test_matching_terms_never_outweigh_the_gan_term_at_the_start_of_stage_2(digits):
     """The scale regression behind the prototype collapse: summed terms swamped the CGAN loss."""
     task = make_task(digits, 1, pipc=50, seed=1, progress=False)
