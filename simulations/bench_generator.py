@@ -169,6 +169,7 @@ def train_variant(task, variant: GeneratorConfig, name: str, start: dict, where:
     meta = {
         "variant": name,
         "selection": selection_record(trainer),
+        "pool_drawn": trainer.pool.drawn if trainer.pool is not None else [],
         "method_options": dataclasses.asdict(variant),
         "seconds_per_step_stage1": round(start["seconds_per_step"], 4),
         "seconds_per_step_stage2": round(s2, 4),

@@ -274,6 +274,7 @@ def test_interrupted_run_resumes_exactly_across_the_stage_boundary(digits, tmp_p
     for name, value in full.gen.state_dict().items():
         assert torch.equal(value, resumed.gen.state_dict()[name]), name
     assert resumed.curves == full.curves
+    assert resumed.pool.drawn == full.pool.drawn == ["convnet3"] * full.pool.draws  # the manifest's record of draws
     if select_every:
         assert resumed.selector.history == full.selector.history and resumed.chosen == full.chosen
     with pytest.raises(ArtifactError, match="different job"):

@@ -203,6 +203,7 @@ class ModelPool:
         self.names = config.pool_names
         self.dsa = make_dsa(config.pool_dsa, task.info.name)
         self.draws, self.arch_index = 0, -1
+        self.drawn: list[str] = []  # the architecture of every draw, for the manifest
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.layer = ""
@@ -225,6 +226,7 @@ class ModelPool:
         if self.model is None or stage2_step % self.reinit_every == 0:
             self._build(int(torch.randint(len(self.names), (1,), generator=rng)), self.draws)
             self.draws += 1
+            self.drawn.append(self.arch)
 
     def train(self, batches: list[tuple[torch.Tensor, torch.Tensor]], rng: torch.Generator) -> float:
         loss = torch.zeros(())
@@ -241,13 +243,14 @@ class ModelPool:
         live = self.model is not None
         return {
             "draws": self.draws,
+            "drawn": self.drawn,
             "arch_index": self.arch_index,
             "model": self.model.state_dict() if live else None,
             "optimizer": self.optimizer.state_dict() if live else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.draws = state["draws"]
+        self.draws, self.drawn = state["draws"], list(state.get("drawn", []))
         if state["model"] is not None:
             self._build(state["arch_index"], state["draws"] - 1)
             self.model.load_state_dict(state["model"])
@@ -630,6 +633,7 @@ def _summary(trainer: GeneratorTrainer) -> dict:
         "pool": config.pool_names if trainer.pool is not None else [],
         "pool_reinit_every": trainer.reinit_every if trainer.pool is not None else 0,
         "pool_draws": trainer.pool.draws if trainer.pool is not None else 0,
+        "pool_drawn": trainer.pool.drawn if trainer.pool is not None else [],
         "resumed_from": trainer.resumed_from,
         "steps_done": trainer.step,
         **({"selection": selection} if selection else {}),
