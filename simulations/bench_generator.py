@@ -345,14 +345,14 @@ def report(args, cells: Cells, lookup, generators: dict, protocol, device: torch
         return format_accuracy(*found[:2]) + (f" ({found[2]} of {len(seeds)} seeds)" if partial else "")
 
     spread = (
-        "std of the evaluation runs"
+        "the std of the evaluation runs"
         if len(seeds) == 1
-        else f"generator rows: mean and std across stage-2 seeds {seeds} of each seed's mean over its runs"
+        else f"for a generator row the std across stage-2 seeds {seeds} of each seed's mean over its runs"
     )
     header = (
         f"{args.dataset}, pipc {args.pipc}; one CGAN of {args.stage1_steps} steps shared by all variants, then "
         f"{args.stage2_steps} stage-2 steps each; options {args.set or 'defaults'}; {args.runs} runs; device {device}; "
-        f"± is the {spread}"
+        f"± is {spread}"
     )
     rows = [["random real", *(text("random real", i) for i in ipcs)]]
     rows += [[v, *(text(v, i) for i in ipcs)] for v in names]
