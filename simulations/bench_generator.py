@@ -6,7 +6,8 @@
 One CGAN (stage 1) is trained and shared by every variant, so the variants differ only in their
 stage 2 (same steps, same batches and noise: matching draws from its own random stream):
 ``cgan`` (matching weights 0, but the same stage-2 learning rates and steps), ``logit`` (w_local 0)
-and ``global+local`` (the defaults, or ``--set``). ``--stage2-seeds`` repeats every variant's
+and ``global+local`` (the defaults, or ``--set``); ``--extra-variants`` adds named stage-2 ablations
+(e.g. ``match_scale=cgan-gradient``) on the same CGAN and streams. ``--stage2-seeds`` repeats every variant's
 stage 2 from the same CGAN under other seeds; tables then give the mean and std across seeds (the
 generator-training spread), a per-seed table, and per-seed paired differences between variants
 (one seed's variants share every batch, so a difference is the method's). Every ipc is sampled
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import statistics
 import time
 from dataclasses import replace
@@ -33,6 +35,7 @@ import torch
 from common.checkpoint import identity_options, load_checkpoint, save_checkpoint
 from common.commands import eval_config_from_args
 from common.datasets import load_dataset
+from common.errors import ConfigError
 from common.evaluation import DIM_PROTOCOL, evaluate_resampled, evaluate_set
 from common.fileio import atomic_write_json
 from common.report import Cells, format_accuracy, markdown_table
@@ -47,7 +50,7 @@ from server.methods.generator import (
     selection_record,
     train_generator,
 )
-from server.methods.registry import coerce_option, distill, make_task
+from server.methods.registry import coerce_option, distill, make_task, parse_options
 
 VARIANTS = {"cgan": {"w_global": 0.0, "w_local": 0.0}, "logit": {"w_local": 0.0}, "global+local": {}}
 
@@ -58,6 +61,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-root", default=None)
     p.add_argument("--pipc", default="all", help="real images per class the generator may see")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument(
+        "--extra-variants",
+        default="",
+        metavar="'NAME: OPTION=VALUE,... | ...'",
+        help="more variants, each its stage-2 options over --set (stage-1 options are shared: use --set)",
+    )
+    p.add_argument(
+        "--pairs",
+        default="",
+        metavar="'A vs B, ...'",
+        help="per-seed paired differences to tabulate (default: logit/global+local vs cgan, global+local vs "
+        "logit, and each extra variant vs cgan)",
+    )
     p.add_argument("--stage2-seeds", default="0", help="stage-2 repeats of every variant from the one CGAN")
     p.add_argument("--stage1-steps", type=int, default=2000)
     p.add_argument("--stage2-steps", type=int, default=200)
@@ -79,6 +95,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/bench-generator")
     p.add_argument("--report", action="store_true", help="only print the tables of the cells finished so far")
     return p.parse_args(argv)
+
+
+def variant_table(args) -> dict[str, dict]:
+    """The built-in variants plus ``--extra-variants``: name -> its stage-2 options over ``--set``."""
+    table = dict(VARIANTS)
+    for part in filter(None, (p.strip() for p in args.extra_variants.split("|"))):
+        name, sep, body = part.partition(":")
+        name = name.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name) or name in table:
+            raise SystemExit(
+                f"--extra-variants item {part!r}: use NAME: OPTION=VALUE,... with a new name of letters, "
+                "digits and _.+- (not cgan, logit, global+local)"
+            )
+        try:
+            options = parse_options("generator", body)
+            replace(base_config(args), **options)  # a wrong value fails here, before any training
+        except ConfigError as exc:
+            raise SystemExit(f"--extra-variants {name}: {exc}") from None
+        shared = sorted(set(options) - set(STAGE2_OPTIONS))
+        if shared:
+            raise SystemExit(
+                f"--extra-variants {name}: {', '.join(shared)} are not stage-2 options; every variant "
+                "shares one stage 1, so set them for all with --set"
+            )
+        table[name] = options
+    return table
+
+
+def pair_list(args, table: dict[str, dict]) -> list[tuple[str, str]]:
+    """``--pairs 'A vs B, ...'`` or the default pairs (the built-in three, then every extra variant vs cgan)."""
+    if not args.pairs.strip():
+        return list(PAIRS) + [(name, "cgan") for name in table if name not in VARIANTS]
+    pairs = []
+    for item in filter(None, (i.strip() for i in args.pairs.split(","))):
+        a, sep, b = item.partition(" vs ")
+        if not sep or a.strip() not in table or b.strip() not in table:
+            raise SystemExit(f"--pairs item {item!r}: use 'A vs B' with A and B among {', '.join(table)}")
+        pairs.append((a.strip(), b.strip()))
+    return pairs
 
 
 def base_config(args) -> GeneratorConfig:
@@ -125,7 +180,13 @@ def run_label(name: str, seed: int) -> str:
 
 
 def variant_generators(
-    task, config: GeneratorConfig, names: list[str], seeds: list[int], out: Path, train: bool = True
+    task,
+    config: GeneratorConfig,
+    names: list[str],
+    seeds: list[int],
+    out: Path,
+    table: dict[str, dict],
+    train: bool = True,
 ) -> dict:
     """Every (variant, stage-2 seed)'s generator: kept ones are loaded (and must match this run's
     options), the rest run their stage 2 from the shared CGAN, which is trained (or loaded) only when
@@ -135,7 +196,7 @@ def variant_generators(
     for seed in seeds:
         for name in names:
             where = generator_dir(out, name, seed)
-            variant = replace(config, **VARIANTS.get(name, {}), stage2_seed=seed)
+            variant = replace(config, **table[name], stage2_seed=seed)
             if not (where / "generator.json").exists():
                 if not train:
                     continue
@@ -186,6 +247,14 @@ def train_variant(task, variant: GeneratorConfig, name: str, start: dict, where:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    table = variant_table(args)  # every flag is checked before the dataset loads or anything trains
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; use {', '.join(VARIANTS)} (or name one in --extra-variants)")
+    variants += [name for name in table if name not in VARIANTS]
+    seeds = stage2_seeds(args)
+    pair_list(args, table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
@@ -193,14 +262,9 @@ def main(argv=None) -> int:
     data = load_dataset(args.dataset, data_root=args.data_root)
     config = base_config(args)
     task = make_task(data, 1, args.pipc, seed=args.seed, device=device, dataset_spec=args.dataset)
-    variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"unknown variant(s) {unknown}; use {', '.join(VARIANTS)}")
-    seeds = stage2_seeds(args)
 
     started = time.perf_counter()
-    generators = variant_generators(task, config, variants, seeds, out, train=not args.report)
+    generators = variant_generators(task, config, variants, seeds, out, table, train=not args.report)
     trained = [(v, s) for s in seeds for v in variants if (v, s) in generators]
 
     cells = Cells(out / "cells.json")
@@ -248,7 +312,7 @@ def main(argv=None) -> int:
     def lookup(*where) -> dict | None:
         return cells.latest(keyed(*where)) if where[0] == "random real" or (where[0], where[-1]) in generators else None
 
-    return report(args, cells, lookup, generators, protocol, device, time.perf_counter() - started)
+    return report(args, cells, lookup, generators, protocol, device, time.perf_counter() - started, table)
 
 
 def stage2_seeds(args) -> list[int]:
@@ -332,7 +396,16 @@ def paired(lookup, seeds: list[int], a: str, b: str, ipc: int, kind: str) -> str
     return f"{statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs):.2f} ({above} of {len(diffs)} seeds above)"
 
 
-def report(args, cells: Cells, lookup, generators: dict, protocol, device: torch.device, seconds: float) -> int:
+def report(
+    args,
+    cells: Cells,
+    lookup,
+    generators: dict,
+    protocol,
+    device: torch.device,
+    seconds: float,
+    table: dict[str, dict],
+) -> int:
     """Print and write the tables; ``lookup(variant, ipc, arch, kind, seed)`` is this run's cell or None."""
     ipcs, seeds = [int(i) for i in args.ipcs.split(",")], stage2_seeds(args)
     names = list(dict.fromkeys(v for v, _ in generators))
@@ -354,6 +427,11 @@ def report(args, cells: Cells, lookup, generators: dict, protocol, device: torch
         f"{args.stage2_steps} stage-2 steps each; options {args.set or 'defaults'}; {args.runs} runs; device {device}; "
         f"± is {spread}"
     )
+    extras = {name: options for name, options in table.items() if name not in VARIANTS and name in names}
+    if extras:
+        header += "; extra variants " + "; ".join(
+            f"{n}: {', '.join(f'{k}={v}' for k, v in o.items())}" for n, o in extras.items()
+        )
     rows = [["random real", *(text("random real", i) for i in ipcs)]]
     rows += [[v, *(text(v, i) for i in ipcs)] for v in names]
     fixed = markdown_table(
@@ -384,7 +462,7 @@ def report(args, cells: Cells, lookup, generators: dict, protocol, device: torch
     pair_rows = [
         [f"{a} - {b} ({kind})", *(paired(lookup, seeds, a, b, i, kind) for i in ipcs)]
         for kind in kinds
-        for a, b in PAIRS
+        for a, b in pair_list(args, table)
         if a in names and b in names
     ]
     pairs = (

@@ -171,3 +171,44 @@ def test_term_gradients_reach_the_generator_in_proportion_to_their_weight(tmp_pa
     assert high["global"]["norm"] == pytest.approx(low["global"]["norm"], rel=1e-5) and low["global"]["norm"] > 0
     assert low["local"]["norm"] > 0
     assert high["local"]["norm"] == pytest.approx(2 * low["local"]["norm"], rel=1e-4)
+
+
+def test_extra_variants_run_on_the_shared_cgan_and_are_paired_with_it(tmp_path):
+    out = tmp_path / "bench"
+    argv = ["--dataset", "digits", "--stage1-steps", "4", "--stage2-steps", "2", *SETS, "--ipcs", "1", "--runs", "1"]
+    argv += ["--epochs", "40", "--dim-variants", "", "--cross-archs", "", "--variants", "cgan", "--out", str(out)]
+    extra = ["--extra-variants", "norm: match_scale=cgan-gradient,w_global=0.3,w_local=0", "--stage2-seeds", "0,1"]
+    assert bench_generator.main([*argv, *extra]) == 0
+    meta = json.loads((out / "generators" / "norm-seed1" / "generator.json").read_text())
+    options = meta["method_options"]
+    assert (options["match_scale"], options["w_global"], options["w_local"], options["stage2_seed"]) == (
+        "cgan-gradient",
+        0.3,
+        0,
+        1,
+    )
+    assert "weight_global" in meta["loss_curves"] and meta["pool_drawn"]
+
+    cells = Cells(out / "cells.json")
+    gaps = [
+        100
+        * (
+            cells.get({"variant": "norm", "stage2_seed": s})["mean"]
+            - cells.get({"variant": "cgan", "stage2_seed": s})["mean"]
+        )
+        for s in (0, 1)
+    ]
+    assert any(gaps), gaps  # the variants' samples differ: the pairing below has figures to pair
+    table = (out / "table.md").read_text()
+    assert "extra variants norm: match_scale=cgan-gradient, w_global=0.3, w_local=0.0" in table
+    assert f"| norm - cgan (fixed)            | {statistics.mean(gaps):+.2f} ± {statistics.stdev(gaps):.2f}" in table
+
+    bad = {
+        "not stage-2 options": ["--extra-variants", "wide: width=64"],
+        "new name": ["--extra-variants", "logit: w_global=1"],
+        "--pairs item": [*extra, "--pairs", "norm vs nothing"],
+        "match_scale": ["--extra-variants", "odd: match_scale=sum"],
+    }
+    for message, flags in bad.items():
+        with pytest.raises(SystemExit, match=message):
+            bench_generator.main([*argv, *flags])

@@ -155,6 +155,36 @@ def test_matching_terms_never_outweigh_the_gan_term_at_the_start_of_stage_2(digi
     assert pull(summed_local) > gan and summed_local.item() > abs(terms["cgan"].item())
 
 
+def test_cgan_gradient_scale_gives_each_term_its_share_of_the_gan_terms_pull(digits):
+    """``match_scale=cgan-gradient``: a term's gradient on the generator is w times the CGAN term's."""
+    task = make_task(digits, 1, pipc=20, seed=2, progress=False)
+    scaled = dict(**TINY, stage1_steps=1, stage2_steps=2, pool="convnet3", pool_steps=1, match_scale="cgan-gradient")
+    trainer = GeneratorTrainer(task, GeneratorConfig(**scaled, w_global=0.3, w_local=0.05))
+    trainer.pool.maybe_redraw(0, trainer.rng)
+    x, y = trainer.real_batch(16)
+    total, terms = trainer.generator_objective(x, y, True)
+    params = list(trainer.gen.parameters())
+
+    def pull(term: torch.Tensor) -> float:
+        grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        return float(torch.sqrt(sum((g**2).sum() for g in grads if g is not None)))
+
+    gan = pull(terms["cgan"])
+    assert pull(terms["global"]) == pytest.approx(0.3 * gan, rel=1e-4)
+    assert pull(terms["local"]) == pytest.approx(0.05 * gan, rel=1e-4)
+    assert torch.allclose(total, terms["cgan"] + terms["global"] + terms["local"])
+    # the factors are not the raw weights: the raw terms' gradients are not the CGAN's size
+    assert trainer.match_weights["global"] != pytest.approx(0.3, rel=0.5)
+    assert trainer.match_weights["local"] != pytest.approx(0.05, rel=0.5)
+
+    logit = train_generator(task, GeneratorConfig(**scaled, w_global=0.3, w_local=0))
+    assert {"weight_global", "weight_local"} <= set(logit.curves)
+    assert all(value == 0 for _, value in logit.curves["weight_local"])
+    assert all(value > 0 for _, value in logit.curves["weight_global"])
+    with pytest.raises(ConfigError, match="match_scale"):
+        GeneratorConfig(match_scale="norm")
+
+
 def test_local_match_class_mean_compares_per_class_mean_features():
     torch.manual_seed(0)
     from common.models import build_model

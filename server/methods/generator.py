@@ -14,6 +14,14 @@ class prototype. ``local_match=class-mean`` matches per-class mean features inst
 (ours, a departure from both papers). A is DSA drawn per pair and applied identically to the
 real image and its generated partner (``match_dsa``).
 
+``match_scale=cgan-gradient`` (ours): the weights become fractions of the CGAN term's gradient on
+the generator, step by step: each matching term is multiplied by
+``w * |grad_G L_CGAN| / |grad_G L_term|`` (a detached factor, logged as ``weight_global`` /
+``weight_local``), so its pull on the generator is ``w`` times the CGAN's whatever the terms'
+raw scale. At DiM's weights the terms' gradients are 1.6 % and 0.007 % of the CGAN's on MNIST, too
+little for Adam's lr-sized steps to follow; this sets their share directly (two extra gradient
+passes through the generator per step).
+
 DiM's pool schedule: one live model, re-drawn (architecture from ``pool``, fresh initialisation)
 every ``pool_reinit_every`` generator steps (default: one epoch of the real data), trained
 ``pool_steps`` SGD steps with per-sample DSA on real batches before each generator step. Stage 2
@@ -79,11 +87,12 @@ NON_IDENTITY_OPTIONS = ("resume", "checkpoint_every", "log_every", "time_limit")
 # Options stage 1 never reads (its trainer builds no pool without stage-2 steps): one CGAN serves every
 # stage-2 ablation of them, and a kept stage-1 state is not retrained for a new w_local or lr_stage2.
 STAGE2_OPTIONS = (
-    "stage2_steps", "match_batch", "lr_stage2", "w_global", "w_local", "local_match", "pool",
+    "stage2_steps", "match_batch", "lr_stage2", "w_global", "w_local", "local_match", "match_scale", "pool",
     "local_layers", "pool_steps", "pool_lr", "pool_reinit_every", "pool_dsa", "match_dsa", "stage2_seed",
 )  # fmt: skip
 GRID_PER_CLASS = 10
 LOCAL_MATCHES = ("pair", "class-mean")
+MATCH_SCALES = ("weight", "cgan-gradient")
 TERMS_PLOT = "stage2-terms.png"
 
 
@@ -104,6 +113,7 @@ class GeneratorConfig:
     w_global: float = 0.01  # x mean squared log-softmax difference
     w_local: float = 0.001  # x mean squared mid-layer feature difference
     local_match: str = "pair"  # pair (each fake vs its real partner) | class-mean (ours: per-class means)
+    match_scale: str = "weight"  # weight: w x term | cgan-gradient (ours): w = the term's gradient / the CGAN's
     pool: str = "convnet3,resnet10,resnet18"
     local_layers: str = "auto"  # 'auto' (each model's middle stage) or 'arch:layer,...'
     pool_steps: int = 16  # SGD steps (with DSA) of the live pool model before each generator step
@@ -136,6 +146,8 @@ class GeneratorConfig:
             raise ConfigError(f"generator arch {self.arch!r} is unknown; use {' or '.join(ARCH_WIDTHS)}")
         if self.local_match not in LOCAL_MATCHES:
             raise ConfigError(f"local_match {self.local_match!r} is unknown; use {' or '.join(LOCAL_MATCHES)}")
+        if self.match_scale not in MATCH_SCALES:
+            raise ConfigError(f"match_scale {self.match_scale!r} is unknown; use {' or '.join(MATCH_SCALES)}")
         for name in ("pool_dsa", "match_dsa"):
             if getattr(self, name) not in ("", "none"):
                 DSA(getattr(self, name))  # raises a ConfigError naming the families
@@ -367,6 +379,7 @@ class GeneratorTrainer:
         self.match_dsa = make_dsa(config.match_dsa, task.info.name)
         self.rng = make_generator(derive_seed(task.seed, "generator-steps"))
         self.match_rng = make_generator(derive_seed(task.seed, "matching-steps"))
+        self.match_weights: dict[str, float] = {}  # the last step's factor per matching term
         self.step = 0
         self.curves: dict[str, list] = {}
         self.window: dict[str, list[float]] = {}
@@ -426,10 +439,31 @@ class GeneratorTrainer:
             global_term, local_term = matching_losses(
                 self.pool.model, self.pool.layer, fake_aug, real_aug, y, self.config.local_match
             )
-            terms["global"] = self.config.w_global * global_term
-            terms["local"] = self.config.w_local * local_term
+            raw = {"global": (self.config.w_global, global_term), "local": (self.config.w_local, local_term)}
+            if self.config.match_scale == "cgan-gradient":
+                self.match_weights = self.gradient_shares(terms["cgan"], raw)
+            else:
+                self.match_weights = {name: weight for name, (weight, _) in raw.items()}
+            for name, (_, term) in raw.items():
+                terms[name] = self.match_weights[name] * term
             total = total + terms["global"] + terms["local"]
         return total, terms
+
+    def gradient_shares(self, cgan: torch.Tensor, raw: dict[str, tuple[float, torch.Tensor]]) -> dict[str, float]:
+        """``match_scale=cgan-gradient``: the factor that makes each term's gradient on the generator
+        ``w`` times the CGAN term's (0 for a weightless term or one with no gradient)."""
+        params = [p for p in self.gen.parameters() if p.requires_grad]
+
+        def norm(term: torch.Tensor) -> float:
+            grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+            return float(torch.sqrt(sum((g.detach() ** 2).sum() for g in grads if g is not None)))
+
+        reference = norm(cgan)
+        shares = {}
+        for name, (weight, term) in raw.items():
+            size = norm(term) if weight > 0 else 0.0
+            shares[name] = weight * reference / size if size > 0 else 0.0
+        return shares
 
     def train_step(self, inspect: Callable[[dict[str, torch.Tensor]], None] | None = None) -> dict[str, float]:
         """One generator step (and its critic and pool steps); ``inspect`` sees the weighted terms, graphs
@@ -452,6 +486,8 @@ class GeneratorTrainer:
         total.backward()
         self.opt_g.step()
         values.update({f"g_{name}": value.item() for name, value in terms.items()})
+        if match and config.match_scale != "weight":
+            values.update({f"weight_{name}": weight for name, weight in self.match_weights.items()})
         values["g_total"] = total.item()
         return values
 
