@@ -9,6 +9,18 @@ from pathlib import Path
 from common.report import format_accuracy, markdown_table
 
 
+def named_lists(text: str, flag: str) -> list[tuple[str, str]]:
+    """``'a: x=1,y=2 | b: x=3'`` -> [("a", "x=1,y=2"), ("b", "x=3")], the syntax of the benchmarks'
+    named recipe lists (``--candidates``, ``--extra-variants``); a nameless item exits naming ``flag``."""
+    items = []
+    for part in filter(None, (p.strip() for p in text.split("|"))):
+        name, sep, body = part.partition(":")
+        if not sep or not name.strip():
+            raise SystemExit(f"{flag} item {part!r}: use NAME: OPTION=VALUE,...")
+        items.append((name.strip(), body))
+    return items
+
+
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-root",

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from common.commands import eval_config_from_args
+from common.commands import eval_config_from_args, named_lists
 from common.datasets import Split, load_dataset
 from common.errors import ConfigError
 from common.evaluation import evaluate_set
@@ -148,16 +148,13 @@ def federate(args, out: Path) -> Path:
 def parse_candidates(text: str) -> dict[str, dict]:
     """``'dm: w_kkt=0 | w1: w_kkt=1'`` -> {name: typed dm+dkkt options (lambda_scale kept as a float)}."""
     candidates: dict[str, dict] = {}
-    for part in filter(None, (p.strip() for p in text.split("|"))):
-        name, sep, body = part.partition(":")
-        if not sep or not name.strip():
-            raise SystemExit(f"--candidates item {part!r}: use NAME: OPTION=VALUE,...")
+    for name, body in named_lists(text, "--candidates"):
         items = [i.strip() for i in body.split(",") if i.strip()]
         scale = [i for i in items if i.replace(" ", "").startswith("lambda_scale=")]
         rest = ",".join(i for i in items if i not in scale)
         options = parse_options("dm+dkkt", rest)
         options["lambda_scale"] = float(scale[-1].split("=", 1)[1]) if scale else 1.0
-        candidates[name.strip()] = options
+        candidates[name] = options
     if not candidates:
         raise SystemExit("--candidates is empty; name at least one recipe, e.g. 'dm: w_kkt=0 | w1: w_kkt=1'")
     return candidates

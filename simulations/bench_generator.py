@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from common.checkpoint import identity_options, load_checkpoint, save_checkpoint
-from common.commands import eval_config_from_args
+from common.commands import eval_config_from_args, named_lists
 from common.datasets import load_dataset
 from common.errors import ConfigError
 from common.evaluation import DIM_PROTOCOL, evaluate_resampled, evaluate_set
@@ -100,12 +100,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def variant_table(args) -> dict[str, dict]:
     """The built-in variants plus ``--extra-variants``: name -> its stage-2 options over ``--set``."""
     table = dict(VARIANTS)
-    for part in filter(None, (p.strip() for p in args.extra_variants.split("|"))):
-        name, sep, body = part.partition(":")
-        name = name.strip()
-        if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name) or name in table:
+    for name, body in named_lists(args.extra_variants, "--extra-variants"):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name) or name in table:
             raise SystemExit(
-                f"--extra-variants item {part!r}: use NAME: OPTION=VALUE,... with a new name of letters, "
+                f"--extra-variants item {name!r}: use NAME: OPTION=VALUE,... with a new name of letters, "
                 "digits and _.+- (not cgan, logit, global+local)"
             )
         try:
